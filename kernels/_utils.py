@@ -1,0 +1,132 @@
+"""Shared plumbing for the kernels: backend choice, argument checks, chunk sizing.
+
+Nothing here is numerical: the maths lives in ``reference.py`` (the specification)
+and in the op files (``grpo.py``, ``logprobs.py``, ``score.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when triton imports; detected once. ``PRORANK_DISABLE_TRITON=1`` forces it off."""
+    if os.environ.get("PRORANK_DISABLE_TRITON", "0") == "1":
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
+    """Pick the backend: ``auto`` -> Triton on CUDA tensors, chunked PyTorch elsewhere.
+
+    ``triton`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (the tests).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if impl == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("impl='triton' but triton is not importable (pip install triton)")
+        if not on_cuda and not interpreting():
+            raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return impl
+
+
+def row_chunk_size(n_rows: int, vocab: int, hidden: int, override: int | None = None) -> int:
+    """Rows per chunk of the [rows, V] logits block.
+
+    The block is sized like the LM head itself (rows * V ~ 2 * V * H elements), so the
+    transient logits never outgrow the weight they come from, while each GEMM keeps an M
+    of a few hundred rows or more (cuBLAS efficiency). ``PRORANK_CHUNK_ROWS`` overrides.
+    """
+    if override is None:
+        env = os.environ.get("PRORANK_CHUNK_ROWS")
+        override = int(env) if env else None
+    if override is not None:
+        if override < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {override}")
+        return min(override, max(n_rows, 1))
+    rows = max(256, 2 * hidden)
+    rows = 1 << int(math.ceil(math.log2(rows)))
+    return max(1, min(rows, n_rows))
+
+
+# ---------------------------------------------------------------------------------------
+# Argument checks: every public op validates before any work, naming the argument.
+# ---------------------------------------------------------------------------------------
+
+
+def check_2d(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+
+
+def check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """hidden [N, H], weight [V, H], bias [V] or None."""
+    check_2d("hidden", hidden)
+    check_2d("weight", weight)
+    check_floating("hidden", hidden)
+    check_floating("weight", weight)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden and weight disagree on the hidden size: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}"
+        )
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is not None:
+        check_floating("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def check_vector(name: str, t: torch.Tensor | None, length: int, *, device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
+    if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{name} holds ids outside [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}")
+
+
+def check_finite(name: str, t: torch.Tensor | None) -> None:
+    if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds non-finite values (nan or inf)")
+
+
+def check_temperature(temperature: float) -> None:
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite positive number, got {temperature}")

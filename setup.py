@@ -1,0 +1,39 @@
+"""prorank-fast: train small causal LMs into document rerankers (ProRank), fast.
+
+The top-level ``kernels/`` folder is installed as ``prorank_fast.kernels``: PyPI has an
+unrelated ``kernels`` package that transformers probes for, so nothing here may be
+importable as a top-level ``kernels``.
+"""
+
+from setuptools import setup
+
+setup(
+    name="prorank-fast",
+    version="0.1.0",
+    description="Fused Triton GRPO / restricted-vocabulary score kernels and a lean trainer for LLM rerankers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["prorank_fast", "prorank_fast.kernels"],
+    package_dir={"prorank_fast": "prorank_fast", "prorank_fast.kernels": "kernels"},
+    install_requires=[
+        # torch is not pinned here: CPU machines install torch==2.13.0 first, GPU machines bring theirs.
+        "torch>=2.6",
+        "numpy",
+    ],
+    extras_require={
+        # triton is optional on CPU (the chunked PyTorch path needs none); tests run the
+        # kernels under TRITON_INTERPRET=1 and compare against liger-kernel.
+        "triton": ["triton>=3.2"],
+        "test": [
+            "triton>=3.2",
+            "pytest>=8",
+            "pytest-benchmark>=5",
+            "liger-kernel>=0.8.5",
+            "ruff>=0.15",
+        ],
+        "flash": ["flash-attn>=2.7"],
+    },
+    entry_points={"console_scripts": ["prorank-fast=prorank_fast.cli:main"]},
+)
