@@ -50,12 +50,16 @@ def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
     return impl
 
 
-def row_chunk_size(n_rows: int, vocab: int, hidden: int, override: int | None = None) -> int:
+def row_chunk_size(
+    n_rows: int, vocab: int, hidden: int, device: torch.device | None = None, override: int | None = None
+) -> int:
     """Rows per chunk of the [rows, V] logits block.
 
-    The block is sized like the LM head itself (rows * V ~ 2 * V * H elements), so the
-    transient logits never outgrow the weight they come from, while each GEMM keeps an M
-    of a few hundred rows or more (cuBLAS efficiency). ``PRORANK_CHUNK_ROWS`` overrides.
+    GPU: a power of two >= max(256, H) rows, so the transient block stays near the size of
+    the LM head it comes from (1024 x 151936 bf16 = 311 MB for Qwen2.5-0.5B) while each
+    GEMM keeps an M large enough for cuBLAS to run near peak.
+    CPU: about 2M logits per chunk (8 MB fp32); CPU GEMMs need no large M, and the point
+    of this path is memory. ``chunk_rows`` / ``PRORANK_CHUNK_ROWS`` override both.
     """
     if override is None:
         env = os.environ.get("PRORANK_CHUNK_ROWS")
@@ -63,9 +67,11 @@ def row_chunk_size(n_rows: int, vocab: int, hidden: int, override: int | None = 
     if override is not None:
         if override < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {override}")
-        return min(override, max(n_rows, 1))
-    rows = max(256, 2 * hidden)
-    rows = 1 << int(math.ceil(math.log2(rows)))
+        return max(1, min(override, n_rows))
+    if device is not None and device.type == "cuda":
+        rows = 1 << max(8, int(math.ceil(math.log2(max(hidden, 1)))))
+    else:
+        rows = 1 << max(4, int(math.log2(max((1 << 21) // max(vocab, 1), 1))))
     return max(1, min(rows, n_rows))
 
 
