@@ -213,7 +213,9 @@ class _FusedLinearGRPO(torch.autograd.Function):
                     )  # fmt: skip
                 else:
                     logp, lse, ent = stats(raw, bias, token_ids[sl], inv_t)
-                    loss, g, terms = _torch_epilogue(logp, old_c, ref_c, adv, seq_ids[sl], c[sl], opts, chunks.needs_grad)
+                    loss, g, terms = _torch_epilogue(
+                        logp, old_c, ref_c, adv, seq_ids[sl], c[sl], opts, chunks.needs_grad
+                    )
                     out["logp"][sl], out["entropy"][sl], out["loss"][sl] = logp, ent, loss
                     out["kl"][sl], out["low"][sl], out["high"][sl] = terms["kl"], terms["clip_low"], terms["clip_high"]
                     if chunks.needs_grad:

@@ -176,9 +176,7 @@ def grpo_per_token_terms(
     }
 
 
-def grpo_metrics(
-    terms: dict[str, torch.Tensor], entropy: torch.Tensor | None, beta: float
-) -> dict[str, torch.Tensor]:
+def grpo_metrics(terms: dict[str, torch.Tensor], entropy: torch.Tensor | None, beta: float) -> dict[str, torch.Tensor]:
     """TRL's logged metrics: token means of kl and entropy; clip ratios as TRL's global masked
     means, i.e. over tokens at token level and over sequences (fully masked ones included)
     at sequence level, where the flags are [S]."""
