@@ -108,6 +108,8 @@ def check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         check_floating("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
 def check_vector(name: str, t: torch.Tensor | None, length: int, *, device: torch.device) -> None:
@@ -134,5 +136,9 @@ def check_finite(name: str, t: torch.Tensor | None) -> None:
 
 
 def check_temperature(temperature: float) -> None:
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+        temperature = float(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise ValueError(f"temperature must be a finite positive number, got {temperature!r}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite positive number, got {temperature}")

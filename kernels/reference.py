@@ -294,7 +294,7 @@ def restricted_vocab_score_reference(
 
     The default (16, 15) / (1, -1) is z["1"] - z["0"] with the Qwen2 tokenizer.
     """
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
     ids = torch.as_tensor(token_ids, device=weight.device, dtype=torch.long)
     w = torch.as_tensor(token_weights, device=weight.device, dtype=dtype)
     z = hidden.to(dtype) @ weight[ids].to(dtype).t()  # [B, K]
@@ -331,18 +331,18 @@ def score_loss_reference(
     elif loss == "mse":
         per_item = (torch.sigmoid(s) - labels.to(s.dtype)) ** 2
     elif loss == "listwise":
-        groups = s.view(-1, group_size)
+        groups = s.reshape(-1, group_size)
         logsm = torch.log_softmax(groups, dim=-1)
         if labels is None:
             target = torch.zeros_like(groups)
             target[:, 0] = 1.0
         else:
-            lab = labels.to(s.dtype).view(-1, group_size)
+            lab = labels.to(s.dtype).reshape(-1, group_size)
             target = lab / lab.sum(-1, keepdim=True)
         per_item = -(target * logsm).sum(-1)
     elif loss == "distill":
-        groups = s.view(-1, group_size) / temperature
-        teacher = teacher_scores.to(s.dtype).view(-1, group_size) / temperature
+        groups = s.reshape(-1, group_size) / temperature
+        teacher = teacher_scores.to(s.dtype).reshape(-1, group_size) / temperature
         log_q = torch.log_softmax(groups, dim=-1)
         log_p = torch.log_softmax(teacher, dim=-1)
         per_item = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2

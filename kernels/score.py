@@ -13,6 +13,7 @@ the formulas of :func:`reference.score_loss_reference`).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -290,7 +291,7 @@ def _score_backward_triton(
     grad_s: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias_like: tuple[int, torch.dtype] | None,
+    bias_like: tuple[torch.Size, torch.dtype] | None,
     ids: torch.Tensor,
     tw: torch.Tensor,
     need_dh: bool,
@@ -403,14 +404,16 @@ def _check_tokens(token_ids, token_weights, vocab: int) -> tuple[list[int], list
         if token_ids.dim() != 1:
             raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
     elif isinstance(token_ids, Sequence) and not isinstance(token_ids, str):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in token_ids):
             raise ValueError(f"token_ids must hold ints, got {list(token_ids)!r}")
         try:
-            ids_t = torch.tensor(list(token_ids), dtype=torch.int64)
+            ids_t = torch.tensor([int(t) for t in token_ids], dtype=torch.int64)
         except (OverflowError, RuntimeError) as exc:
             raise ValueError(f"token_ids holds ids outside [0, {vocab}): {list(token_ids)!r}") from exc
     else:
-        raise ValueError(f"token_ids must be a sequence of ints or a 1-D integer tensor, got {type(token_ids).__name__}")
+        raise ValueError(
+            f"token_ids must be a sequence of ints or a 1-D integer tensor, got {type(token_ids).__name__}"
+        )
     if ids_t.numel() == 0:
         raise ValueError("token_ids must not be empty")
     check_token_ids("token_ids", ids_t, vocab)
@@ -425,7 +428,9 @@ def _check_tokens(token_ids, token_weights, vocab: int) -> tuple[list[int], list
         except (TypeError, ValueError) as exc:
             raise ValueError(f"token_weights must hold numbers, got {list(token_weights)!r}") from exc
     else:
-        raise ValueError(f"token_weights must be a sequence of floats or a 1-D tensor, got {type(token_weights).__name__}")
+        raise ValueError(
+            f"token_weights must be a sequence of floats or a 1-D tensor, got {type(token_weights).__name__}"
+        )
     if len(w_list) != ids_t.numel():
         raise ValueError(f"token_weights has {len(w_list)} entries but token_ids has {ids_t.numel()}")
     if not all(math.isfinite(x) for x in w_list):
