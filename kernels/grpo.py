@@ -320,6 +320,10 @@ def _grpo_call(
     )  # fmt: skip
     ref = ref_logprobs.detach().float().contiguous() if ref_logprobs is not None else None
     old = old_logprobs.detach().float().contiguous() if old_logprobs is not None else None
+    if not torch.is_grad_enabled():
+        # needs_input_grad ignores no_grad mode: detach so the forward skips the gradient GEMMs
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     return _FusedLinearGRPO.apply(
         hidden, weight, bias, token_ids.contiguous(), advantages.detach(), seq_ids.contiguous(), old, ref, opts
     )
