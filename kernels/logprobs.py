@@ -231,8 +231,10 @@ class LMHeadChunks:
     def backward_chunk(self, start: int, end: int, grad_raw: torch.Tensor) -> None:
         """grad_raw [rows, V] = dL/d(hidden @ weight.T) for rows start:end."""
         if self.grad_hidden is not None:
-            g = torch.matmul(grad_raw, self.weight)
-            self.grad_hidden[start:end].copy_(g)
+            if self.grad_hidden.dtype == grad_raw.dtype:
+                torch.matmul(grad_raw, self.weight, out=self.grad_hidden[start:end])
+            else:
+                self.grad_hidden[start:end].copy_(grad_raw @ self.weight)
         if self.grad_weight is not None:
             if self.grad_weight.dtype == grad_raw.dtype:
                 self.grad_weight.addmm_(grad_raw.t(), self.hidden[start:end])
