@@ -320,6 +320,7 @@ def _grpo_call(
     )  # fmt: skip
     ref = ref_logprobs.detach().float().contiguous() if ref_logprobs is not None else None
     old = old_logprobs.detach().float().contiguous() if old_logprobs is not None else None
+    bias = bias.contiguous() if bias is not None else None  # the row kernels index it densely
     if not torch.is_grad_enabled():
         # needs_input_grad ignores no_grad mode: detach so the forward skips the gradient GEMMs
         hidden, weight = hidden.detach(), weight.detach()

@@ -328,6 +328,7 @@ def fused_linear_logprobs(
     """
     validate_linear_tokens(hidden, weight, token_ids, bias, temperature)
     impl = _utils.resolve_impl(impl, hidden, weight)
+    bias = bias.contiguous() if bias is not None else None  # the row kernels index it densely
     logp, ent = _FusedLinearLogprobs.apply(
         hidden, weight, bias, token_ids.contiguous(), float(temperature), impl, chunk_rows
     )
