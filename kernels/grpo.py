@@ -274,6 +274,17 @@ def _check_number(name, value, *, positive=False, allow_none=False):
         raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
 
 
+def _as_positive_int(name, value) -> int:
+    """Any integral number (int, numpy int, 0-d tensor, 12.0) -> int >= 1, as TRL/Liger accept."""
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if not math.isfinite(as_float) or as_float != int(as_float) or as_float < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(as_float)
+
+
 def _grpo_call(
     hidden, weight, token_ids, advantages, seq_ids, old_logprobs, ref_logprobs, *,
     bias, beta, epsilon_low, epsilon_high, delta, temperature, loss_type, importance_sampling_level,
@@ -301,9 +312,10 @@ def _grpo_call(
             f"importance_sampling_level must be one of {reference.IMPORTANCE_SAMPLING_LEVELS}, "
             f"got {importance_sampling_level!r}"
         )
-    if loss_type == "dr_grpo":
-        if not isinstance(max_completion_length, int) or max_completion_length < 1:
-            raise ValueError(f"max_completion_length must be a positive int for dr_grpo, got {max_completion_length!r}")
+    if max_completion_length is not None:
+        max_completion_length = _as_positive_int("max_completion_length", max_completion_length)
+    elif loss_type == "dr_grpo":
+        raise ValueError("max_completion_length must be given for loss_type='dr_grpo'")
     _check_number("beta", beta)
     _check_number("epsilon_low", epsilon_low)
     _check_number("epsilon_high", epsilon_high)

@@ -66,9 +66,9 @@ def linear_logprobs_reference(
 # ---------------------------------------------------------------------------------------
 
 
-def seq_lengths(seq_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """Number of completion tokens per sequence, [S] fp32 (TRL's ``mask.sum(-1)``)."""
-    return torch.bincount(seq_ids.long(), minlength=num_sequences).to(torch.float32)
+def seq_lengths(seq_ids: torch.Tensor, num_sequences: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Number of completion tokens per sequence, [S] (TRL's ``mask.sum(-1)``)."""
+    return torch.bincount(seq_ids.long(), minlength=num_sequences).to(dtype)
 
 
 def grpo_token_weights(
@@ -80,6 +80,7 @@ def grpo_token_weights(
     num_items_in_batch: float | torch.Tensor | None = None,
     world_size: int = 1,
     global_num_tokens: float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Aggregation weight c_n of each token, so that loss = sum_n c_n * per_token_loss_n.
 
@@ -93,21 +94,21 @@ def grpo_token_weights(
     n = seq_ids.numel()
     device = seq_ids.device
     if loss_type == "grpo":
-        lengths = seq_lengths(seq_ids, num_sequences).clamp(min=1.0)
+        lengths = seq_lengths(seq_ids, num_sequences, dtype).clamp(min=1.0)
         return 1.0 / (num_sequences * lengths[seq_ids.long()])
     if loss_type == "bnpo":
-        return torch.full((n,), 1.0 / max(n, 1), device=device, dtype=torch.float32)
+        return torch.full((n,), 1.0 / max(n, 1), device=device, dtype=dtype)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("max_completion_length must be given for loss_type='dr_grpo'")
-        return torch.full((n,), 1.0 / (num_sequences * max_completion_length), device=device, dtype=torch.float32)
+        return torch.full((n,), 1.0 / (num_sequences * max_completion_length), device=device, dtype=dtype)
     if loss_type == "dapo":
         if num_items_in_batch is not None:
             normalizer = float(num_items_in_batch) / world_size
         else:
             total = float(n) if global_num_tokens is None else float(global_num_tokens)
             normalizer = total / world_size
-        return torch.full((n,), 1.0 / max(normalizer, 1.0), device=device, dtype=torch.float32)
+        return torch.full((n,), 1.0 / max(normalizer, 1.0), device=device, dtype=dtype)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -139,7 +140,7 @@ def grpo_per_token_terms(
         log_w = log_ratio
         adv_w = adv[ids]
     elif importance_sampling_level == "sequence":
-        lengths = seq_lengths(seq_ids, num_sequences).to(logp.dtype).clamp(min=1.0)
+        lengths = seq_lengths(seq_ids, num_sequences, logp.dtype).clamp(min=1.0)
         seq_sum = torch.zeros(num_sequences, dtype=logp.dtype, device=logp.device).index_add(0, ids, log_ratio)
         log_w = seq_sum / lengths  # [S]
         adv_w = adv
@@ -232,7 +233,8 @@ def grpo_loss_from_logprobs(
         num_items_in_batch=num_items_in_batch,
         world_size=world_size,
         global_num_tokens=global_num_tokens,
-    ).to(logp.dtype)
+        dtype=logp.dtype,
+    )
     loss = (terms["per_token_loss"] * weights).sum()
     metrics = grpo_metrics(terms, entropy, beta)
     return loss, metrics

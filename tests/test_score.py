@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+
 from prorank_fast.kernels import reference, restricted_vocab_score, restricted_vocab_score_loss
 
 IMPLS = ("torch", "triton")
