@@ -1,0 +1,43 @@
+"""The GPU suite's code paths at tiny sizes on CPU: ``python -m benchmarks.gpu_suite --smoke``.
+
+Runs in a subprocess (its own torch state). Liger's Triton row and ``impl="triton"`` need CUDA
+or the interpreter and are skipped here; torch.compile on CPU costs ~30 s of C++ builds, so it
+runs only with ``PRORANK_BENCH_SMOKE_COMPILE=1``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The suite lives in the checkout's benchmarks/ (not installed); run it as `python -m` from the root.
+
+
+def test_gpu_suite_smoke(tmp_path):
+    variants = "ours,eager,liger_chunked,liger_triton"
+    if os.environ.get("PRORANK_BENCH_SMOKE_COMPILE", "0") == "1":
+        variants += ",compile"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "benchmarks.gpu_suite", "--smoke", "--variants", variants, "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "## Targets" in out and "## a. Measured peaks" in out
+    assert out.rindex("[gpu_suite") < out.index("# prorank-fast GPU suite"), "the report must be printed last"
+
+    reports = list(tmp_path.glob("gpu_suite_cpu_*.json"))
+    assert len(reports) == 1 and list(tmp_path.glob("gpu_suite_cpu_*.md"))
+    data = json.loads(reports[0].read_text())
+    assert data["checks"] and all(r["status"] == "PASS" for r in data["checks"]), data["checks"]
+    rows = [(r["shape"], r["variant"], r["status"]) for r in data["bench"]]
+    must_run = {"ours", "eager"} | ({"liger_chunked"} if importlib.util.find_spec("liger_kernel") else set())
+    assert all(status == "ok" for _, variant, status in rows if variant in must_run), rows
+    assert not any(status.startswith(("ERROR", "OOM")) for *_, status in rows), rows
+    assert "median" in data["score"]["ours_head"] and "median" in data["score"]["backbone"], data["score"]
