@@ -15,12 +15,28 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["prorank_fast", "prorank_fast.kernels"],
-    package_dir={"prorank_fast": "prorank_fast", "prorank_fast.kernels": "kernels"},
+    packages=["prorank_fast", "prorank_fast.kernels", "prorank_fast.recipes"],
+    package_dir={
+        "prorank_fast": "prorank_fast",
+        "prorank_fast.kernels": "kernels",
+        "prorank_fast.recipes": "recipes",
+    },
+    package_data={"prorank_fast.recipes": ["*.yaml"]},
     install_requires=[
         # torch is not pinned here: CPU machines install torch==2.13.0 first, GPU machines bring theirs.
         "torch>=2.6",
         "numpy",
+        "transformers>=4.56",
+        "tokenizers",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "datasets",
+        "pyarrow",
+        "bm25s",
+        "ir-measures",
+        "pytrec-eval-terrier",
+        "matplotlib",
     ],
     extras_require={
         # triton is optional on CPU (the chunked PyTorch path needs none); tests run the
@@ -32,6 +48,7 @@ setup(
             "pytest-benchmark>=5",
             "liger-kernel>=0.8.5",
             "ruff>=0.15",
+            "sentence-transformers>=5",
         ],
         "flash": ["flash-attn>=2.7"],
     },

@@ -1,0 +1,300 @@
+"""Recipes: dataclasses, YAML loading, `key=value` overrides, validation.
+
+A recipe has four sections (model, data, stage2, train). `prorank-fast train RECIPE
+train.lr=3e-4 output_dir=runs/x` loads the YAML into these dataclasses, then applies the
+overrides; a key may be dotted (`train.lr`) or bare when it names one field of one section
+(`output_dir`). Every unknown key or ill-typed value is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _recipes_dir() -> Path:
+    """The bundled recipes: the top-level recipes/ folder, installed as prorank_fast.recipes."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("prorank_fast.recipes")))
+
+
+DEFAULT_RECIPE = "tiny"
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the file and key."""
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local path of a *ForCausalLM; None builds a model from `tiny` (random init).
+    name_or_path: str | None = None
+    # Qwen2 config fields for a model built from scratch (the CPU demo).
+    tiny: dict[str, Any] = field(default_factory=dict)
+    # The architecture (config.json fields) of name_or_path: --dry-run builds it on the meta
+    # device without downloading anything.
+    architecture: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer path / hub id; None with `tiny` trains a small BPE tokenizer on the training text.
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 512
+    dtype: str = "float32"  # float32 | bfloat16 (GPU training: FSDP2 mixed precision keeps fp32 masters)
+    attn_implementation: str = "prorank_varlen"  # prorank_varlen | sdpa | eager | flash_attention_2
+    varlen_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa (forces one backend)
+    liger_kernels: bool = False  # Liger RMSNorm / SwiGLU / RoPE on CUDA
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    # demo | file.jsonl | file.parquet | BEIR folder | hf:<datasets name>[:split]
+    train: str = "demo"
+    # Held-out evaluation in BEIR form (folder or "demo"); None skips nDCG.
+    eval: str | None = "demo"
+    format: str = "auto"  # auto | groups | pointwise | columns | beir
+    template: str = "prorank"  # prorank | qwen3
+    instruction: str | None = None
+    max_length: int = 512  # tokens per (query, document) prompt, template included
+    min_query_tokens: int = 64  # the query is never cut below this many tokens
+    group_size: int = 8  # 1 positive + (group_size - 1) negatives per query (listwise/distill)
+    skip_bad_records: bool = False  # count and skip instead of raising
+    max_examples: int | None = None
+    eval_first_stage_k: int = 30  # BM25 candidates reranked per eval query
+    demo_queries: int = 120
+    demo_docs_per_topic: int = 6
+    demo_seed: int = 1234
+
+
+@dataclass
+class Stage2Config:
+    loss: str = "listwise"  # bce | mse | listwise | distill
+    temperature: float = 1.0  # distill softmax temperature
+    # Output set and weights: score = sum_k w_k z[token_k]; None takes them from the template.
+    token_weights: tuple[float, ...] = (1.0, -1.0)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.1
+    max_steps: int = 100  # optimizer steps
+    max_tokens: int = 4096  # token budget of one micro-batch (per rank)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int | None = None  # torch CPU threads
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+SECTIONS = ("model", "data", "stage2", "train")
+_CHOICES = {
+    ("model", "dtype"): ("float32", "bfloat16"),
+    ("model", "attn_implementation"): ("prorank_varlen", "sdpa", "eager", "flash_attention_2"),
+    ("model", "varlen_backend"): ("auto", "flash_attn", "torch_varlen", "sdpa"),
+    ("data", "format"): ("auto", "groups", "pointwise", "columns", "beir"),
+    ("data", "template"): ("prorank", "qwen3"),
+    ("stage2", "loss"): ("bce", "mse", "listwise", "distill"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check / convert one value against a dataclass field annotation."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if errors else f"{where}: got {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise RecipeError(f"{where}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise RecipeError(f"{where}: expected a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(args) != len(value):
+            raise RecipeError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise RecipeError(f"{where}: unsupported field type {hint!r}")  # pragma: no cover
+
+
+def _field_types(section_cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _set(recipe: Recipe, section: str, key: str, value: Any, where: str) -> None:
+    target = getattr(recipe, section)
+    types_ = _field_types(type(target))
+    if key not in types_:
+        raise RecipeError(f"{where}: unknown key {section}.{key} (known: {', '.join(sorted(types_))})")
+    coerced = _coerce(value, types_[key], f"{where}: {section}.{key}")
+    choices = _CHOICES.get((section, key))
+    if choices is not None and coerced not in choices:
+        raise RecipeError(f"{where}: {section}.{key} must be one of {choices}, got {coerced!r}")
+    setattr(target, key, coerced)
+
+
+def recipe_path(name_or_path: str | None) -> Path:
+    """A recipe file: a path, or the name of a bundled recipe (`tiny`, `prorank-0.5b`, ...)."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_RECIPE
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return path
+    bundled = _recipes_dir() / f"{name_or_path}.yaml"
+    if not bundled.exists():
+        known = sorted(p.stem for p in _recipes_dir().glob("*.yaml"))
+        raise RecipeError(f"no recipe named {name_or_path!r}: not a file, and not one of {known}")
+    return bundled
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe (bundled name or YAML path; None = the embedded default `tiny`) and
+    apply `key=value` overrides."""
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections {SECTIONS}")
+    recipe = Recipe(source=str(path))
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise RecipeError(f"{path}: unknown section {section!r} (sections: {', '.join(SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise RecipeError(f"{path}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            _set(recipe, section, key, value, str(path))
+    apply_overrides(recipe, overrides or [])
+    validate(recipe)
+    return recipe
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected key=value")
+        key, value_text = item.split("=", 1)
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section not in SECTIONS:
+                raise RecipeError(f"override {item!r}: unknown section {section!r}")
+        else:
+            owners = [s for s in SECTIONS if key in _field_types(type(getattr(recipe, s)))]
+            if len(owners) != 1:
+                why = "no section has it" if not owners else f"ambiguous between {owners}"
+                raise RecipeError(f"override {item!r}: write section.{key} ({why})")
+            section, name = owners[0], key
+        _set(recipe, section, name, value, f"override {item!r}")
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks; each error names the key."""
+    where = recipe.source
+    m, d, s, t = recipe.model, recipe.data, recipe.stage2, recipe.train
+    if m.name_or_path is None and not m.tiny:
+        raise RecipeError(f"{where}: model.name_or_path or model.tiny must be set")
+    positive = {
+        "data.max_length": d.max_length,
+        "data.group_size": d.group_size,
+        "train.max_steps": t.max_steps,
+        "train.max_tokens": t.max_tokens,
+        "train.grad_accum": t.grad_accum,
+        "train.lr": t.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise RecipeError(f"{where}: {key} must be > 0, got {value}")
+    if s.loss in ("listwise", "distill") and d.group_size < 2:
+        raise RecipeError(f"{where}: data.group_size must be >= 2 for stage2.loss={s.loss}")
+    if d.min_query_tokens < 1 or d.min_query_tokens >= d.max_length:
+        raise RecipeError(f"{where}: data.min_query_tokens must be in [1, data.max_length)")
+    if not 0 <= t.warmup_ratio < 1:
+        raise RecipeError(f"{where}: train.warmup_ratio must be in [0, 1)")
+    if s.temperature <= 0:
+        raise RecipeError(f"{where}: stage2.temperature must be > 0")
+    if t.checkpoint_every < 0:
+        raise RecipeError(f"{where}: train.checkpoint_every must be >= 0")
