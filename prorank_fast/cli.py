@@ -2,7 +2,7 @@
 
 Subcommands that exist today:
   train [RECIPE] [key=value ...] [--dry-run]   stage-2 training; no RECIPE = the embedded default (tiny)
-  bench [cpu|gpu] [ARGS...]                    the kernel benchmarks (benchmarks/cpu_grpo.py, gpu_suite.py)
+  bench [cpu|stage2|gpu] [ARGS...]             the benchmarks (benchmarks/cpu_grpo.py, stage2.py, gpu_suite.py)
 
 The benchmark suites live in the source checkout (``benchmarks/``, beside the package),
 not in the installed wheel: ``bench`` needs an editable install or a checkout on sys.path.
@@ -15,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCH_SUITES = {"cpu": "benchmarks.cpu_grpo", "gpu": "benchmarks.gpu_suite"}
+BENCH_SUITES = {"cpu": "benchmarks.cpu_grpo", "stage2": "benchmarks.stage2", "gpu": "benchmarks.gpu_suite"}
 
 
 def _import_suite(name: str):

@@ -131,6 +131,12 @@ class _Loc:
     def where(self) -> str:
         return f"{self.origin}: {self.kind} {self.index}"
 
+    @property
+    def seed_key(self) -> str:
+        """The record's place without the folder: a per-record seed must not change when the
+        same file is read from another path (a resumed or second run in another directory)."""
+        return f"{Path(self.origin).name}:{self.kind}{self.index}"
+
     def error(self, field_name: str | None, message: str, reason: str) -> DataError:
         where = self.where
         if field_name is not None:
@@ -716,7 +722,7 @@ def read_examples(
         example = _parse_group(rec, loc, instruction) if schema == "groups" else _parse_columns(rec, loc, instruction)
         if group_size:
             fields = ("pos", "neg") if schema == "groups" else ("labels", "labels")
-            rng = random.Random(f"{seed}:{loc.source}")
+            rng = random.Random(f"{seed}:{loc.seed_key}")
             example = shape_group(example, group_size, rng, fields=fields, where=loc.where)
         examples.append(example)
 
@@ -726,7 +732,7 @@ def read_examples(
         guard(one, loc, rec)
 
     def shape_pointwise(loc: _Loc, example: Example) -> Example:
-        rng = random.Random(f"{seed}:{loc.source}")
+        rng = random.Random(f"{seed}:{loc.seed_key}")
         return shape_group(example, group_size, rng, fields=("label", "label"), where=loc.where)
 
     if schema == "pointwise":

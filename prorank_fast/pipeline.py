@@ -80,7 +80,12 @@ def prepare(cfg: Recipe, out: Path, d) -> Prepared:
     )  # fmt: skip
     if cfg.stage2.loss == "distill" and any(ex.teacher_scores is None for ex in examples):
         raise ValueError(f"{paths['train']}: stage2.loss=distill needs teacher scores (pos_scores/neg_scores)")
+    if cfg.stage2.loss in ("bce", "mse"):
+        _labels_to_unit_interval(examples, paths["train"])
     groups = data_mod.tokenize_examples(examples, tokenizer, template, cfg.data.max_length, cfg.data.min_query_tokens)
+    # Seed right before the weights are drawn: every rank (FSDP shards each rank's own init)
+    # and every run, fresh or resumed, builds the same model whatever preparation consumed.
+    torch.manual_seed(cfg.train.seed)
     model = load_model(cfg.model, tokenizer, d.device)  # on its device: Liger kernels apply on CUDA only
     prep = Prepared(tokenizer, template, output_ids, model, groups, stats, paths=paths)
     if paths["eval"]:
@@ -88,6 +93,17 @@ def prepare(cfg: Recipe, out: Path, d) -> Prepared:
         prep.bm25_run = eval_mod.bm25_first_stage(prep.eval_data, k=cfg.data.eval_first_stage_k)
         prep.bm25_metrics = eval_mod.evaluate_run(prep.bm25_run, prep.eval_data.qrels)
     return prep
+
+
+def _labels_to_unit_interval(examples, source: str) -> None:
+    """bce / mse need targets in [0, 1]: graded labels (0..g_max) are divided by g_max."""
+    top = max((label for ex in examples for label in ex.labels), default=1.0)
+    low = min((label for ex in examples for label in ex.labels), default=0.0)
+    if low < 0:
+        raise data_mod.DataError(f"{source}: labels must be >= 0 for bce/mse, found {low}")
+    if top > 1.0:
+        for ex in examples:
+            ex.labels = [label / top for label in ex.labels]
 
 
 @torch.no_grad()

@@ -465,3 +465,20 @@ def test_vaswani_beir_folder():
     assert examples[0].query == "measurement of dielectric constant of liquids by the use of microwave techniques"
     again, _ = read_examples(root, group_size=8, seed=0, max_examples=5)
     assert again == examples[:5]
+
+
+def test_negative_sampling_does_not_depend_on_the_folder(tmp_path):
+    """A resumed run or a second rank reading the same file from another directory must see
+    the same sampled negatives (the per-record seed uses the file name, not its path)."""
+    record = {"query": "q", "pos": ["p"], "neg": [f"n{i}" for i in range(20)]}
+    text = "\n".join(json.dumps(record) for _ in range(5)) + "\n"
+    paths = []
+    for folder in ("a", "b/c"):
+        path = tmp_path / folder / "train.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+        paths.append(path)
+    first, _ = read_examples(str(paths[0]), group_size=4, seed=3)
+    second, _ = read_examples(str(paths[1]), group_size=4, seed=3)
+    assert [ex.docs for ex in first] == [ex.docs for ex in second]
+    assert len({tuple(ex.docs) for ex in first}) > 1, "records of one file still differ from each other"
