@@ -70,7 +70,7 @@ def test_embedded_default_improves_ndcg(tmp_path):
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    steps = ["train.max_steps=12", "train.checkpoint_every=3", *SMALL]
+    steps = ["train.max_steps=8", "train.checkpoint_every=2", *SMALL]
     full = tmp_path / "full"
     _train(full, *steps)
 
@@ -81,12 +81,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            if latest.exists() and latest.read_text().strip() >= "step_0000006":
+            if latest.exists() and latest.read_text().strip() >= "step_0000004":
                 break
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
         else:
-            pytest.fail("no checkpoint at step 6 within 300 s")
+            pytest.fail("no checkpoint at step 4 within 300 s")
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
@@ -95,7 +95,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
     _train(killed, *steps)
     summary = json.loads((killed / "summary.json").read_text())
-    assert summary["resumed_from_step"] >= 6
+    assert summary["resumed_from_step"] >= 4
     a, b = _weights(full), _weights(killed)
     assert a.keys() == b.keys()
     for name in a:
@@ -165,14 +165,26 @@ def test_bad_training_record_names_file_line_and_field(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("recipe", ["tiny", "prorank-0.5b", "prorank-1.5b", "prorank-7b"])
-def test_dry_run_validates_each_recipe_offline(recipe):
-    cmd = [sys.executable, "-m", "prorank_fast.cli", "train", recipe, "--dry-run"]
+def test_dry_run_cli_prints_a_report():
+    cmd = [sys.executable, "-m", "prorank_fast.cli", "train", "prorank-0.5b", "--dry-run"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    expected = {"prorank-0.5b": (4.9e8, 5.0e8), "prorank-1.5b": (1.5e9, 1.6e9), "prorank-7b": (7.6e9, 7.7e9)}
-    low, high = expected.get(recipe, (1e4, 1e7))
-    assert low <= report["parameters"] <= high, report
-    if recipe != "tiny" and os.environ.get("PRORANK_QWEN2_TOKENIZER"):
+    assert 4.9e8 <= report["parameters"] <= 5.0e8, report
+    if os.environ.get("PRORANK_QWEN2_TOKENIZER"):
         assert report["output_token_ids"] == [16, 15]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "low", "high"),
+    [("tiny", 1e4, 1e7), ("prorank-0.5b", 4.9e8, 5.0e8), ("prorank-1.5b", 1.5e9, 1.6e9), ("prorank-7b", 7.6e9, 7.7e9)],
+)
+def test_dry_run_validates_each_recipe_offline(recipe, low, high):
+    """Each bundled recipe loads, validates and builds its architecture on the meta device
+    (Qwen2.5 parameter counts: 494M, 1.54B, 7.62B) without any download."""
+    from prorank_fast.config import load_recipe
+    from prorank_fast.dry_run import dry_run
+
+    report = dry_run(load_recipe(recipe))
+    assert low <= report["parameters"] <= high, report
+    assert report["template"] == "prorank"
