@@ -10,6 +10,9 @@ Baselines, defined once so that every suite times the same thing:
 * Liger Triton: ``liger_kernel.transformers.grpo_loss.triton_grpo_loss`` on full logits
   [S, T + 1, V] (it drops the last position, as TRL's ``logits_to_keep + 1``), logits GEMM
   included in the timed region.
+* Stage 2, the plain transformers way: ``pad_sequences`` (the same token ids, padded, with an
+  attention mask) and ``full_logits_scores`` (``lm(...).logits``, full [B, T, V], read at the last
+  real token); ``stage2_model_flops`` is the MFU numerator of the GPU suite's stage-2 section.
 """
 
 from __future__ import annotations
@@ -212,6 +215,71 @@ def eager_score_loss(hidden, weight, labels, *, token_ids=(16, 15), token_weight
     w = torch.as_tensor(token_weights, device=weight.device, dtype=torch.float32)
     s = (hidden @ weight[ids].t()).float() @ w
     return ref.score_loss_reference(s, labels, loss=loss, **kw), s
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 2 (score learning): the padded baselines and the FLOP count
+# ---------------------------------------------------------------------------------------
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right", device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same token ids as a padded batch (what a tokenizer with ``padding=True`` returns).
+
+    Returns input_ids [B, T] int64 (T = the longest sequence), attention_mask [B, T] int64
+    (1 = token) and last [B] int64, the index of each sequence's last real token (T - 1 for
+    every row with left padding).
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    lengths = [len(s) for s in seqs]
+    width = max(lengths)
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, cols] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, cols] = 1
+    last = torch.tensor(lengths, dtype=torch.long) - 1 if side == "right" else torch.full((len(seqs),), width - 1)
+    return ids.to(device), mask.to(device), last.to(device)
+
+
+def full_logits_scores(lm, input_ids, attention_mask, last, token_ids=(16, 15), token_weights=(1.0, -1.0)):
+    """The plain transformers way: ``lm(input_ids, attention_mask).logits`` materializes the full
+    [B, T, V] logits; the score is read at each row's last real token, ``sum_k w_k z[token_k]``
+    (``z["1"] - z["0"]`` by default). Returns scores [B] (differentiable, in the logits' dtype)."""
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    z = logits[torch.arange(logits.shape[0], device=logits.device), last]  # [B, V]
+    s = z[:, token_ids[0]] * token_weights[0]
+    for tok, w in zip(token_ids[1:], token_weights[1:], strict=True):
+        s = s + z[:, tok] * w
+    return s
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    """Parameters outside the input embedding and the LM head (tied or not)."""
+    skip = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            skip |= {id(p) for p in module.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def stage2_model_flops(params_non_embedding: int, layers: int, hidden: int, lengths: Sequence[int]) -> float:
+    """Model FLOPs of one training step (forward + backward) over sequences of ``lengths`` tokens:
+
+        6 * P_non_embedding * N  +  12 * layers * hidden * sum_i len_i^2
+
+    N = sum(lengths) real tokens (padding is not useful work and is not counted); the second
+    term is the attention score/value products, 12 * layers * hidden * seq_len per token with
+    seq_len = the token's own sequence length (PaLM's convention: no discount for causality).
+    The LM head (tied embedding) is not counted: a reranker needs it at one position per
+    sequence and for two of its rows.
+    """
+    n = sum(lengths)
+    return 6.0 * params_non_embedding * n + 12.0 * layers * hidden * float(sum(x * x for x in lengths))
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,11 @@ c. bench     fused GRPO forward+backward, bf16: time (median, p20, p80; CUDA eve
              Liger's Triton grpo_loss (+ logits GEMM); speedups; fraction of the three-GEMM roofline.
 d. score     restricted_vocab_score_loss forward+backward (B pairs) vs one Qwen2.5-0.5B backbone
              forward+backward step (random init, bf16, sdpa).
-e. report    markdown with card, versions, date and all rows, written to
+e. stage2    a whole stage-2 training step (forward + backward + AdamW) at the Qwen2.5-0.5B
+             configuration (random init, bf16 parameters) on ~300-token random prompts in groups of 8,
+             a ~16k-token micro-batch: ours (packed, prorank_varlen attention, restricted_vocab_score_loss)
+             vs padded transformers (sdpa, full-vocabulary logits); tokens/s and MFU.
+f. report    markdown with card, versions, date and all rows, written to
              benchmarks/results/gpu_suite_<card>_<date>.md (and $OUT when set) and printed last.
 
 Nothing is asserted about speed; the process exits 0 unless the suite itself crashes
@@ -42,7 +46,7 @@ import torch
 from . import _common as C
 from . import _memory
 
-SECTIONS = ("peak", "check", "bench", "score")
+SECTIONS = ("peak", "check", "bench", "score", "stage2")
 VARIANTS = ("ours", "ours_torch", "eager", "compile", "liger_chunked", "liger_triton")
 VARIANT_LABELS = {
     "ours": "ours",
@@ -59,6 +63,12 @@ TARGETS = {
     "vs_liger_chunked": 1.5,  # speedup over Liger chunked
     "vs_eager": 1.0,  # not slower than eager
     "score_ratio": 0.01,  # score head+loss / backbone step
+    "stage2_mfu": 0.35,  # ours' stage-2 step, model FLOPs / measured matmul peak
+}
+STAGE2_VARIANTS = ("ours", "padded")
+STAGE2_LABELS = {
+    "ours": "ours: packed, prorank_varlen, restricted_vocab_score_loss",
+    "padded": "transformers: padded, sdpa, full [B,T,V] logits",
 }
 QWEN2_0P5B = dict(
     hidden_size=896,
@@ -131,6 +141,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--backbone-batch", type=int, default=256, help="sequences per step")
     g.add_argument("--backbone-seq", type=int, default=256, help="tokens per sequence")
     g.add_argument("--backbone-micro", type=int, default=64, help="sequences per micro-batch (halved on OOM)")
+    g = p.add_argument_group("e. stage2")
+    g.add_argument("--s2-layers", type=int, default=24)
+    g.add_argument("--s2-seq-len", type=int, default=300, help="mean prompt length (tokens)")
+    g.add_argument("--s2-seq-jitter", type=int, default=60, help="lengths uniform in seq-len +- jitter")
+    g.add_argument("--s2-group-size", type=int, default=8)
+    g.add_argument("--s2-max-tokens", type=int, default=16384, help="micro-batch budget: whole groups up to it")
+    g.add_argument("--s2-variants", default=",".join(STAGE2_VARIANTS))
+    g.add_argument("--s2-lr", type=float, default=1e-5)
     args = p.parse_args(argv)
     if args.smoke:
         smoke = dict(
@@ -155,6 +173,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             backbone_batch=8,
             backbone_seq=32,
             backbone_micro=4,
+            s2_layers=2,
+            s2_seq_len=32,
+            s2_seq_jitter=8,
+            s2_max_tokens=640,
         )
         for k, v in smoke.items():
             if k == "device" or getattr(args, k) == p.get_default(k):
@@ -168,6 +190,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {VARIANTS}")
+    args.s2_variants = [v.strip() for v in args.s2_variants.split(",") if v.strip()]
+    for v in args.s2_variants:
+        if v not in STAGE2_VARIANTS:
+            p.error(f"unknown stage-2 variant {v!r}; choose from {STAGE2_VARIANTS}")
+    if not 0 <= args.s2_seq_jitter < args.s2_seq_len:
+        p.error("--s2-seq-jitter must be in [0, --s2-seq-len)")
     args.shapes = _shapes(args.shapes)
     args.check_dtypes = [DTYPES[d.strip()] for d in args.check_dtypes.split(",") if d.strip()]
     if args.impl is None:
@@ -255,6 +283,7 @@ class Suite:
     checks: list = field(default_factory=list)
     bench: list = field(default_factory=list)
     score: dict = field(default_factory=dict)
+    stage2: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
     @property
@@ -665,7 +694,156 @@ def section_score(suite: Suite, ops: C.Ops) -> None:
     )
 
 
-# --- e. report ------------------------------------------------------------------------------
+# --- e. stage-2 training step at the Qwen2.5-0.5B configuration -----------------------------
+
+
+def _stage2_model(suite: Suite):
+    """A randomly initialized Qwen2ForCausalLM of the Qwen2.5-0.5B shape (tied head), bf16 parameters."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    a = suite.args
+    cfg_kw = dict(QWEN2_0P5B, num_hidden_layers=a.s2_layers)
+    if a.smoke:
+        cfg_kw.update(
+            hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=1000
+        )
+    config = Qwen2Config(**cfg_kw)
+    config.use_cache = False
+    torch.manual_seed(a.seed)
+    with torch.device(suite.device):
+        lm = Qwen2ForCausalLM(config)
+    lm.to(torch.bfloat16).train()
+    return lm, config
+
+
+def _stage2_batch(suite: Suite, vocab: int, s2):
+    """Whole groups of random prompts (lengths uniform in seq_len +- jitter, random ids, the first
+    prompt of each group the positive) until the next group would pass --s2-max-tokens."""
+    from types import SimpleNamespace
+
+    a = suite.args
+    g = a.s2_group_size
+    gen = torch.Generator().manual_seed(a.seed)
+    lo, hi = a.s2_seq_len - a.s2_seq_jitter, a.s2_seq_len + a.s2_seq_jitter
+    groups, tokens = [], 0
+    while True:
+        lengths = torch.randint(lo, hi + 1, (g,), generator=gen).tolist()
+        if groups and tokens + sum(lengths) > a.s2_max_tokens:
+            break
+        ids = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+        groups.append(SimpleNamespace(input_ids=ids, labels=[1.0] + [0.0] * (g - 1), teacher_scores=None))
+        tokens += sum(lengths)
+    return s2.make_batch(groups, device=suite.device)
+
+
+def _stage2_row(suite: Suite, s2, variant: str, lm, batch, pad_id: int) -> dict:
+    """Time one variant's training step; the padded row halves its groups per forward on OOM."""
+    a, dev = suite.args, suite.device
+    row = dict(variant=variant, label=STAGE2_LABELS[variant])
+    groups_per_forward = None
+    while True:
+        step = None
+        try:
+            step = s2.Stage2Step(
+                variant,
+                lm,
+                (16, 15),
+                pad_id,
+                lr=a.s2_lr,
+                groups_per_forward=groups_per_forward,
+                fused_adam=dev.type == "cuda",
+            )
+            step.prepare(batch)
+            row["note"] = step.note
+            row["forwards"] = len(step._chunks(batch))
+            row["tokens_through"] = (
+                batch.num_tokens if variant == "ours" else sum(c[0].numel() for c in step._chunks(batch))
+            )
+            row["loss0"] = step.loss(batch)  # the initial weights: the same for every row
+            t_first = time.perf_counter()
+            step.train_step(batch)
+            _sync(dev)
+            row["first_call_s"] = time.perf_counter() - t_first
+
+            def fn(step=step):
+                return step.train_step(batch)
+
+            row["peak_bytes"] = _memory.peak_extra(fn, dev)["peak_bytes"]
+            row.update(suite.timer(fn))
+            row["status"] = "ok"
+            return row
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            step = None
+            _cleanup(dev)
+            current = groups_per_forward or batch.num_groups
+            if _is_oom(exc) and variant == "padded" and current > 1:
+                groups_per_forward = max(1, current // 2)
+                suite.log(f"stage2 padded OOM; {groups_per_forward} group(s) per forward")
+                continue
+            row["status"] = _describe_failure(exc)
+            if not _is_oom(exc):
+                traceback.print_exc()
+            return row
+
+
+def section_stage2(suite: Suite) -> None:
+    a, dev, out = suite.args, suite.device, suite.stage2
+    rows = out.setdefault("rows", [])
+    if suite.over_budget():
+        rows += [dict(variant=v, label=STAGE2_LABELS[v], status="skipped (time budget)") for v in a.s2_variants]
+        return
+    from . import stage2 as s2  # the trainer's pieces (prorank_fast.score_stage, packing)
+
+    lm, config = _stage2_model(suite)
+    batch = _stage2_batch(suite, config.vocab_size, s2)
+    lengths = batch.lengths
+    p_ne = C.non_embedding_params(lm)
+    flops = C.stage2_model_flops(p_ne, config.num_hidden_layers, config.hidden_size, lengths)
+    out.update(
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        vocab=config.vocab_size,
+        params=sum(p.numel() for p in lm.parameters()),
+        params_non_embedding=p_ne,
+        pairs=batch.num_pairs,
+        groups=batch.num_groups,
+        group_size=batch.group_size,
+        tokens=batch.num_tokens,
+        min_len=min(lengths),
+        max_len=max(lengths),
+        model_flops=flops,
+    )
+    flops_peak = peak_flops(suite)
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    for variant in a.s2_variants:
+        if suite.over_budget():
+            rows.append(dict(variant=variant, label=STAGE2_LABELS[variant], status="skipped (time budget)"))
+            continue
+        row = _stage2_row(suite, s2, variant, lm, batch, pad_id)
+        if "median" in row:
+            row["tokens_per_s"] = batch.num_tokens / row["median"]
+            row["pairs_per_s"] = batch.num_pairs / row["median"]
+            row["tflops"] = flops / row["median"] / 1e12
+            if flops_peak:
+                row["mfu"] = flops / row["median"] / flops_peak
+        rows.append(row)
+        _cleanup(dev)
+        suite.log(
+            f"stage2 {variant}: {row['status']}"
+            + (f" {row['median'] * 1e3:.1f} ms, {row['tokens_per_s']:.0f} tok/s" if "median" in row else "")
+            + (f", MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "")
+        )
+    ours = next((r for r in rows if r["variant"] == "ours" and "median" in r), None)
+    for r in rows:
+        if ours is not None and "median" in r:
+            r["speedup_of_ours"] = r["median"] / ours["median"]
+        if ours is not None and r.get("loss0") is not None:
+            r["loss_rel_diff"] = abs(r["loss0"] - ours["loss0"]) / max(abs(ours["loss0"]), 1e-30)
+    del lm, batch
+    _cleanup(dev)
+
+
+# --- f. report ------------------------------------------------------------------------------
 
 
 def _e(x) -> str:
@@ -818,11 +996,78 @@ def render(suite: Suite) -> str:
             ]
         )
         md.append(C.markdown_table(["row", "ms median [p20, p80]", "peak extra", "of backbone step"], rows))
+    if "stage2" in a.sections:
+        md += render_stage2(suite)
     md += ["", "## Targets", ""]
     md.append(C.markdown_table(["target", "measured", "result"], targets(suite)))
     if suite.notes:
         md += ["", "Notes:"] + [f"- {n}" for n in suite.notes]
     return "\n".join(md) + "\n"
+
+
+def render_stage2(suite: Suite) -> list[str]:
+    s2 = suite.stage2
+    peak = peak_flops(suite)
+    md = ["", "## e. Stage-2 step at the Qwen2.5-0.5B configuration", ""]
+    if "params" in s2:
+        md += [
+            f"Random init, bf16 parameters, {s2['layers']} layers, hidden {s2['hidden']}, vocab {s2['vocab']} (tied), "
+            f"{s2['params'] / 1e6:.1f}M parameters ({s2['params_non_embedding'] / 1e6:.1f}M non-embedding). One step = "
+            f"{s2['pairs']} random prompts ({s2['groups']} listwise groups of {s2['group_size']}, lengths "
+            f"{s2['min_len']}-{s2['max_len']}, {s2['tokens']} tokens, one ~{suite.args.s2_max_tokens}-token "
+            "micro-batch): forward + backward + AdamW (fused on CUDA). Each row trains its own copy of the same "
+            "initial weights.",
+            "",
+            "MFU = model FLOPs / step time / the bf16 matmul peak measured in section a"
+            + (f" ({peak / 1e12:.0f} TFLOP/s)" if peak else " (not measured: MFU n/a)")
+            + "; model FLOPs = 6 * P_non_embedding * N + 12 * layers * hidden * sum_i len_i^2 "
+            f"= {s2['model_flops'] / 1e12:.2f} TFLOP, N = real tokens (padding and the LM head are not counted, "
+            "so both rows do the same useful work). tokens/s counts real tokens.",
+            "",
+        ]
+    rows = []
+    for r in s2.get("rows", []):
+        if "median" not in r:
+            rows.append([r.get("label", r["variant"]), r.get("status", "-")] + ["-"] * 9)
+            continue
+        padding = r.get("tokens_through", 0) / max(s2.get("tokens", 1), 1) - 1.0
+        rows.append(
+            [
+                r["label"],
+                f"{C.fmt_ms(r['median'])} [{C.fmt_ms(r['p20'])}, {C.fmt_ms(r['p80'])}]",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['pairs_per_s']:.0f}",
+                f"{r['tflops']:.1f}",
+                f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+                C.fmt_bytes(r.get("peak_bytes")),
+                C.fmt_ratio(r.get("speedup_of_ours")),
+                f"{100 * padding:.0f}%, {r.get('forwards', 1)} fwd",
+                f"{r['loss0']:.5f} ({_e(r.get('loss_rel_diff'))})" if r.get("loss0") is not None else "-",
+                f"{r.get('first_call_s', 0):.1f}",
+            ]
+        )
+    md.append(
+        C.markdown_table(
+            [
+                "variant",
+                "ms/step median [p20, p80]",
+                "tokens/s",
+                "pairs/s",
+                "model TFLOP/s",
+                "MFU",
+                "peak extra",
+                "speedup",
+                "padding, forwards",
+                "loss batch 0 (vs ours)",
+                "1st call s",
+            ],
+            rows,
+        )
+    )
+    notes = [f"{r['variant']}: {r['note']}" for r in s2.get("rows", []) if r.get("note")]
+    if notes:
+        md += [""] + [f"- {n}" for n in notes]
+    return md
 
 
 def ops_label(suite: Suite, name: str) -> str:
@@ -876,6 +1121,20 @@ def targets(suite: Suite) -> list[list[str]]:
                 "score head+loss < 1% of a 0.5B backbone step",
                 f"{100 * ratio:.3f}%" if ratio is not None else "not measured",
                 "n/a" if ratio is None else ("met" if ratio < TARGETS["score_ratio"] else "MISSED"),
+            ]
+        )
+    if "stage2" in suite.args.sections:
+        ours = next((r for r in suite.stage2.get("rows", []) if r["variant"] == "ours"), {})
+        mfu = ours.get("mfu")
+        rows.append(
+            [
+                f"stage-2 step MFU >= {TARGETS['stage2_mfu']:.0%} (ours, Qwen2.5-0.5B configuration)",
+                f"{100 * mfu:.1f}%"
+                if mfu is not None
+                else "no matmul peak (run section peak or pass --peak-tflops)"
+                if ours.get("status") == "ok"
+                else ours.get("status", "not measured"),
+                "n/a" if mfu is None else ("met" if mfu >= TARGETS["stage2_mfu"] else "MISSED"),
             ]
         )
     if "check" in suite.args.sections:
@@ -941,6 +1200,7 @@ def write_report(suite: Suite, text: str) -> list[Path]:
         "checks": suite.checks,
         "bench": suite.bench,
         "score": suite.score,
+        "stage2": suite.stage2,
     }
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(payload, indent=1, default=str))
@@ -972,6 +1232,7 @@ def main(argv=None) -> int:
         "check": lambda: section_check(suite, ops),
         "bench": lambda: section_bench(suite, ops),
         "score": lambda: section_score(suite, ops),
+        "stage2": lambda: section_stage2(suite),
     }
     for name in args.sections:
         suite.log(f"section {name}")

@@ -269,31 +269,25 @@ def _sdpa_per_sequence(
             " tokens: packed rows carry no padding"
         )
     gqa = q.shape[1] != k.shape[1]
-    # [T, H, D] -> [1, H, T, D] views: each sequence is a slice along T, nothing is copied.
+    # [T, H, D] -> [1, H, T, D] views split along T, nothing copied. torch.split rather than
+    # one slice per sequence: the backward of split is a single concat, while each slice's
+    # backward writes a zero tensor the size of the whole packed row (cost ~ docs x tokens).
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    sizes_q = [b - a for a, b in zip(bounds_q[:-1], bounds_q[1:], strict=True)]
+    sizes_k = [b - a for a, b in zip(bounds_k[:-1], bounds_k[1:], strict=True)]
+    extra = {"enable_gqa": True} if gqa else {}
     outs = []
-    for i in range(len(bounds_q) - 1):
-        qs, qe, ks, ke = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
-        if qe == qs:
+    for qs, ks, vs in zip(qh.split(sizes_q, dim=2), kh.split(sizes_k, dim=2), vh.split(sizes_k, dim=2), strict=True):
+        lq, lk = qs.shape[2], ks.shape[2]
+        if lq == 0:
             continue
-        lq, lk = qe - qs, ke - ks
         mask = None
         is_causal = causal and lq > 1
         if causal and lq != lk:  # keys longer than queries: align the diagonal bottom-right
             mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
             is_causal = False
-        extra = {"enable_gqa": True} if gqa else {}
-        outs.append(
-            F.scaled_dot_product_attention(
-                qh[:, :, qs:qe],
-                kh[:, :, ks:ke],
-                vh[:, :, ks:ke],
-                attn_mask=mask,
-                is_causal=is_causal,
-                scale=scale,
-                **extra,
-            )
-        )
+        attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=scale, **extra)
+        outs.append(attn)
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.squeeze(0).transpose(0, 1).contiguous()
 

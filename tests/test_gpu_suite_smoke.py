@@ -1,5 +1,7 @@
 """The GPU suite's code paths at tiny sizes on CPU: ``python -m benchmarks.gpu_suite --smoke``.
 
+Every section runs, the stage-2 training step (section e) included.
+
 Runs in a subprocess (its own torch state). Liger's Triton row and ``impl="triton"`` need CUDA
 or the interpreter and are skipped here; torch.compile on CPU costs ~30 s of C++ builds, so it
 runs only with ``PRORANK_BENCH_SMOKE_COMPILE=1``.
@@ -41,3 +43,12 @@ def test_gpu_suite_smoke(tmp_path):
     assert all(status == "ok" for _, variant, status in rows if variant in must_run), rows
     assert not any(status.startswith(("ERROR", "OOM")) for *_, status in rows), rows
     assert "median" in data["score"]["ours_head"] and "median" in data["score"]["backbone"], data["score"]
+
+    # e. the stage-2 training step (packed ours vs padded transformers) at tiny sizes
+    assert "## e. Stage-2 step at the Qwen2.5-0.5B configuration" in out and "stage-2 step MFU" in out
+    stage2 = {r["variant"]: r for r in data["stage2"]["rows"]}
+    assert set(stage2) == {"ours", "padded"}, data["stage2"]
+    for variant, r in stage2.items():
+        assert r["status"] == "ok" and r["median"] > 0 and r["tokens_per_s"] > 0 and "mfu" in r, (variant, r)
+    # bf16 on both sides: the same loss at the same initial weights, to bf16 precision
+    assert stage2["padded"]["loss_rel_diff"] <= 2e-2, stage2["padded"]

@@ -1,0 +1,817 @@
+"""CPU stage-2 training-step throughput: ours against the plain transformers way and sentence-transformers.
+
+One step = the pairs of one packed micro-batch (``plan_micro_batches`` at max_tokens=9216 over the
+demo collection: ~10 groups of 8 prompts, ~80 pairs, ~9k tokens), forward + backward + AdamW step.
+Every row trains its own copy of the same initial weights on the same steps, in the same process
+and with the same threads; warm-up steps are not timed. Rows, at each vocabulary size V:
+
+* ours     ``collate`` of the micro-batch (one packed row, no padding) -> ``RerankerForTraining``:
+           the decoder with "prorank_varlen" attention (SDPA per document on CPU), hidden states at
+           each sequence's last token, ``restricted_vocab_score_loss`` (listwise, groups of 8)
+* padded   the plain transformers way: the same token ids right-padded to the longest with an
+           attention_mask, ``attn_implementation="sdpa"``, ``lm(input_ids, attention_mask).logits``
+           (full [B, T, V] logits), score = logit["1"] - logit["0"] at the last real token, the same
+           listwise loss (``kernels.reference.score_loss_reference``)
+* st       sentence-transformers: ``CrossEncoder(modules=[Transformer(saved LM, "text-generation"),
+           LogitScore("1", "0")])`` over the same LM saved to a temp folder, a manual training loop
+           over its forward (features = the same token ids left-padded, as its Transformer pads,
+           ``logits_to_keep=1``), the same listwise loss
+
+The model is the embedded default's tiny Qwen2 (recipes/tiny.yaml: hidden 64, 2 layers, 4 heads,
+2 KV heads, tied LM head), the tokenizer the demo's byte-level BPE (vocab 1024) trained on the
+demo collection (``make_demo`` in a temp dir), prompts from the "prorank" template, max_length
+192. ``--vocabs 1024,151936``: the second size keeps the tiny backbone but gives it Qwen2's
+vocabulary (embedding and tied LM head 151936 x 64; the demo tokenizer's ids stay valid), which
+is where materialized logits cost what they cost with a real Qwen model.
+
+    python -m benchmarks.stage2                      # the table (prorank-fast bench stage2)
+    python -m benchmarks.stage2 --vocabs 1024 --rounds 10 --json s2.json
+    pytest benchmarks/test_cpu_stage2.py             # the same rows through pytest-benchmark
+
+Throughput: pairs/s and tokens/s of each timed step (real tokens; padding is not counted),
+median [p20, p80] over the steps. Target (printed, not asserted): ours >= 3x the padded
+transformers way in pairs/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import _common as C
+
+C.load_kernels()  # prorank_fast.kernels importable from a bare checkout (the GPU machine), before the trainer
+
+from prorank_fast.packing import PackedBatch, collate  # noqa: E402
+from prorank_fast.score_stage import RerankerForTraining, batch_inputs, loss_units  # noqa: E402
+
+VARIANTS = ("ours", "padded", "st")
+LABELS = {
+    "ours": "ours: packed, prorank_varlen, restricted_vocab_score_loss",
+    "padded": "transformers: padded, sdpa, full [B,T,V] logits",
+    "st": "sentence-transformers CrossEncoder + LogitScore",
+}
+GROUP = "cpu-stage2-step"
+SPEEDUP_TARGET = 3.0  # ours / padded, pairs/s
+LOSS_RTOL = 1e-4  # the rows compute the same loss on the same batch (fp32)
+QWEN_VOCAB = 151936
+OTHER_CPUS_WARNING = 0.2  # CPUs used by other processes during the run above which the table warns
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage2Config:
+    vocabs: str = f"1024,{QWEN_VOCAB}"  # LM vocabulary sizes, one table block each
+    rounds: int = 5  # timed steps per row
+    warmup: int = 1  # untimed steps first (the first one's loss is the correctness check's)
+    threads: int = 0  # torch.set_num_threads for every row; 0 keeps torch's default
+    seed: int = 0
+    tokenizer_vocab: int = 1024
+    max_length: int = 192
+    group_size: int = 8
+    max_tokens: int = 9216  # the micro-batch budget of ours; every row gets the same pairs per step
+    # Largest [B, T, V] fp32 logits tensor the padded row may hold per forward (MiB): above it the step's
+    # groups go through in several forwards with gradient accumulation (at V=151936 and T=192 one group of
+    # 8 prompts is already ~0.9 GiB), as a per-device batch size would. 0: the whole step in one forward.
+    padded_logits_mib: int = 1024
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+
+    @classmethod
+    def from_env(cls, **defaults) -> Stage2Config:
+        """``defaults`` over the class defaults, overridden by ``PRORANK_BENCH_S2_<FIELD>``
+        (e.g. ``PRORANK_BENCH_S2_ROUNDS=3``): the pytest suite's configuration."""
+        cfg = cls(**defaults)
+        for f in fields(cls):
+            value = os.environ.get(f"PRORANK_BENCH_S2_{f.name.upper()}")
+            if value is not None:
+                setattr(cfg, f.name, type(getattr(cfg, f.name))(value))
+        return cfg
+
+    @property
+    def vocab_list(self) -> list[int]:
+        return [int(v) for v in str(self.vocabs).split(",") if v.strip()]
+
+    def describe(self) -> str:
+        return (
+            f"tiny Qwen2 (recipes/tiny.yaml), demo collection, template prorank, max_length {self.max_length}, "
+            f"listwise groups of {self.group_size}, micro-batch plan at max_tokens={self.max_tokens}, fp32, AdamW "
+            f"(lr {self.lr}, wd {self.weight_decay}); {self.warmup} warm-up + {self.rounds} timed steps per row"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Data: the demo collection, its tokenizer, the micro-batch plan
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """The pairs of one optimizer step: groups of ``group_size`` prompts (token ids) with labels."""
+
+    seqs: list[list[int]]
+    labels: torch.Tensor  # [S] fp32
+    group_size: int
+    packed: PackedBatch
+    _padded: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.seqs) // self.group_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.packed.num_tokens
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.seqs]
+
+    def padded(self, groups_per_forward: int | None, side: str, pad_id: int, device) -> list[tuple]:
+        """[(input_ids, attention_mask, last, labels)] per forward, ``groups_per_forward`` groups each
+        (None: all), each padded to its own longest sequence. Built once, outside any timed region."""
+        key = (groups_per_forward, side, str(device))
+        if key not in self._padded:
+            per = (groups_per_forward or self.num_groups) * self.group_size
+            chunks = []
+            for start in range(0, self.num_pairs, per):
+                ids, mask, last = C.pad_sequences(self.seqs[start : start + per], pad_id, side=side, device=device)
+                chunks.append((ids, mask, last, self.labels[start : start + per].to(device)))
+            self._padded[key] = chunks
+        return self._padded[key]
+
+
+def make_batch(groups: Sequence, device="cpu") -> Batch:
+    """One step's Batch from TokenizedGroup-like objects (``.input_ids``, ``.labels``), all of one size."""
+    packed = collate(groups)
+    if packed.group_size is None:
+        raise ValueError("make_batch: the groups differ in size")
+    seqs = [list(s) for g in groups for s in g.input_ids]
+    return Batch(seqs, packed.labels.clone(), packed.group_size, packed.to(device))
+
+
+@dataclass
+class Workload:
+    tokenizer: object
+    output_ids: tuple[int, int]
+    pad_id: int
+    tiny: dict
+    batches: list[Batch]
+    waste: float
+    tmp: tempfile.TemporaryDirectory
+    models: dict = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.tmp.name)
+
+
+def build_workload(cfg: Stage2Config, num_batches: int) -> Workload:
+    """The demo collection and tokenizer (as ``prorank-fast train`` builds them), tokenized with the
+    prorank template, planned into micro-batches; the first ``num_batches`` are the steps."""
+    from prorank_fast import data as D
+    from prorank_fast.config import load_recipe
+    from prorank_fast.demo import make_demo, train_demo_tokenizer
+    from prorank_fast.model import load_tokenizer
+    from prorank_fast.packing import plan_micro_batches
+
+    recipe = load_recipe(None)  # the embedded default: the tiny model and the demo's settings
+    tmp = tempfile.TemporaryDirectory(prefix="prorank-stage2-bench-")
+    root = Path(tmp.name)
+    d = recipe.data
+    paths = make_demo(root / "demo", num_queries=d.demo_queries, docs_per_topic=d.demo_docs_per_topic, seed=d.demo_seed)
+    examples, _ = D.read_examples(str(paths.train))
+    texts = [ex.query for ex in examples] + [doc for ex in examples for doc in ex.docs]
+    train_demo_tokenizer(texts, vocab_size=cfg.tokenizer_vocab, out_dir=root / "tokenizer")
+    tokenizer = load_tokenizer(root / "tokenizer")
+    template = D.get_template("prorank")
+    examples, _ = D.read_examples(str(paths.train), group_size=cfg.group_size, seed=cfg.seed)
+    min_query = min(d.min_query_tokens, cfg.max_length - 1)
+    groups = D.tokenize_examples(examples, tokenizer, template, cfg.max_length, min_query)
+    plan, stats = plan_micro_batches(groups, cfg.max_tokens, seed=cfg.seed)
+    chosen = [plan[i % len(plan)] for i in range(num_batches)]
+    batches = [make_batch([groups[i] for i in ids]) for ids in chosen]
+    return Workload(
+        tokenizer=tokenizer,
+        output_ids=template.output_token_ids(tokenizer),
+        pad_id=int(tokenizer.pad_token_id),
+        tiny=dict(recipe.model.tiny),
+        batches=batches,
+        waste=stats.waste,
+        tmp=tmp,
+    )
+
+
+def base_model(wl: Workload, vocab: int, seed: int):
+    """The shared initial weights at vocabulary ``vocab`` (built once per size, seeded); rows copy it."""
+    if vocab not in wl.models:
+        from prorank_fast.model import build_tiny_model
+
+        torch.manual_seed(seed)
+        tiny = dict(wl.tiny, vocab_size=vocab)
+        lm = build_tiny_model(tiny, len(wl.tokenizer), wl.pad_id, torch.float32)
+        lm.config.use_cache = False  # a training forward builds no KV cache in any row
+        wl.models[vocab] = lm
+    return wl.models[vocab]
+
+
+# ---------------------------------------------------------------------------------------
+# One training step per variant (device-agnostic: the GPU suite uses it too)
+# ---------------------------------------------------------------------------------------
+
+
+def st_unavailable() -> str:
+    """Why the sentence-transformers row cannot run here ('' when it can)."""
+    try:
+        from sentence_transformers.cross_encoder import CrossEncoder  # noqa: F401
+        from sentence_transformers.cross_encoder.modules.logit_score import LogitScore  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return f"sentence-transformers CrossEncoder/LogitScore not importable ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def _cross_encoder(lm, tokenizer, output_ids, folder: Path, device):
+    """The LM saved to ``folder`` and loaded back by sentence-transformers as a LogitScore CrossEncoder."""
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.cross_encoder import CrossEncoder
+    from sentence_transformers.cross_encoder.modules.logit_score import LogitScore
+
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    transformer = Transformer(
+        str(folder),
+        transformer_task="text-generation",
+        model_kwargs={"attn_implementation": "sdpa", "dtype": lm.dtype},
+    )
+    ce = CrossEncoder(modules=[transformer, LogitScore(true_token_id=output_ids[0], false_token_id=output_ids[1])])
+    ce.to(device)
+    loaded = transformer.model.state_dict()
+    for name, tensor in lm.state_dict().items():
+        if not torch.equal(loaded[name].to(tensor.device), tensor):
+            raise RuntimeError(f"sentence-transformers loaded different weights for {name}")
+    return ce
+
+
+class Stage2Step:
+    """One variant's training step on its own copy of ``lm`` (the shared initial weights).
+
+    ``train_step(batch)``: zero_grad, forward + backward over the batch (in several forwards when
+    ``groups_per_forward`` splits it, gradients accumulated), AdamW step; returns the step's loss
+    (summed listwise loss / groups), detached. ``loss(batch)``: the same loss without gradients;
+    ``gradients(batch)``: the LM's parameter gradients of that loss (no step). ``lm`` is the
+    variant's own *ForCausalLM (for st, the one inside the CrossEncoder).
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        lm,
+        output_ids: tuple[int, int],
+        pad_id: int,
+        *,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        groups_per_forward: int | None = None,
+        tokenizer=None,
+        folder: Path | None = None,
+        fused_adam: bool = False,
+        loss: str = "listwise",
+    ):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        self.variant = variant
+        self.output_ids = tuple(int(i) for i in output_ids)
+        self.pad_id = int(pad_id)
+        self.loss_name = loss
+        self.groups_per_forward = groups_per_forward
+        self.reference = C.load_kernels().reference
+        device = next(lm.parameters()).device
+        self.device = device
+        lm = copy.deepcopy(lm)
+        if variant == "ours":
+            lm.set_attn_implementation("prorank_varlen")
+            self.module = RerankerForTraining(lm, self.output_ids, (1.0, -1.0), loss)
+            self.lm = lm
+            from prorank_fast.attention import resolve_backend
+
+            self.note = f"varlen backend {resolve_backend(device, lm.dtype)}, packed"
+        elif variant == "padded":
+            lm.set_attn_implementation("sdpa")
+            self.module = self.lm = lm
+            self.note = "right padding"
+        else:
+            if folder is None or tokenizer is None:
+                raise ValueError("the st variant needs a tokenizer and a folder to save the LM to")
+            self.module = _cross_encoder(lm, tokenizer, self.output_ids, folder, device)
+            self.lm = self.module[0].model  # the CausalLM inside its Transformer module
+            self.note = "left padding (its Transformer pads left), logits_to_keep=1"
+        self.module.train()
+        kw = {"fused": True} if fused_adam else {}
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+    # -- the forwards ------------------------------------------------------------------
+
+    def _chunks(self, batch: Batch) -> list:
+        if self.variant == "ours":
+            return [None]
+        if self.variant == "padded":
+            return batch.padded(self.groups_per_forward, "right", self.pad_id, self.device)
+        return batch.padded(None, "left", self.pad_id, self.device)
+
+    def prepare(self, batch: Batch) -> None:
+        """Build this variant's inputs for ``batch`` (padding), so that no timed step does it."""
+        self._chunks(batch)
+
+    def _summed_loss(self, batch: Batch, chunk) -> torch.Tensor:
+        if self.variant == "ours":
+            loss, _scores = self.module(**batch_inputs(batch.packed))
+            return loss
+        ids, mask, last, labels = chunk
+        if self.variant == "padded":
+            s = C.full_logits_scores(self.module, ids, mask, last, self.output_ids)
+        else:
+            out = self.module({"input_ids": ids, "attention_mask": mask, "logits_to_keep": 1})
+            s = out["scores"].reshape(-1)
+        return self.reference.score_loss_reference(
+            s, labels, loss=self.loss_name, group_size=batch.group_size, reduction="sum"
+        )
+
+    def _units(self, batch: Batch) -> int:
+        return loss_units(batch.packed, self.loss_name)
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        units = self._units(batch)
+        total = None
+        for chunk in self._chunks(batch):
+            loss = self._summed_loss(batch, chunk) / units
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        self.optimizer.step()
+        return total
+
+    def gradients(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The LM's parameter gradients of the step's loss (no optimizer step), by parameter name."""
+        self.optimizer.zero_grad(set_to_none=True)
+        units = self._units(batch)
+        for chunk in self._chunks(batch):
+            (self._summed_loss(batch, chunk) / units).backward()
+        grads = {n: p.grad.detach().clone() for n, p in self.lm.named_parameters() if p.grad is not None}
+        self.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    @torch.no_grad()
+    def loss(self, batch: Batch) -> float:
+        units = self._units(batch)
+        return float(sum(float(self._summed_loss(batch, chunk)) for chunk in self._chunks(batch)) / units)
+
+
+def padded_groups_per_forward(cfg: Stage2Config, vocab: int) -> int | None:
+    """How many groups the padded row runs per forward so that its fp32 logits stay under the budget."""
+    if cfg.padded_logits_mib <= 0:
+        return None
+    per_group = cfg.group_size * cfg.max_length * vocab * 4
+    fit = (cfg.padded_logits_mib * 2**20) // per_group
+    max_groups = max(1, cfg.max_tokens // cfg.group_size)  # more than any step holds
+    return None if fit >= max_groups else max(1, int(fit))
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement (CPU)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Throughput:
+    median: float
+    p20: float
+    p80: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Throughput:
+        if len(samples) > 1:
+            qs = statistics.quantiles(samples, n=10, method="inclusive")
+            return cls(statistics.median(samples), qs[1], qs[7])
+        return cls(samples[0], samples[0], samples[0])
+
+    def fmt(self, digits: int = 0) -> str:
+        return f"{self.median:.{digits}f} [{self.p20:.{digits}f}, {self.p80:.{digits}f}]"
+
+
+@dataclass
+class Result:
+    vocab: int
+    variant: str
+    pairs_per_s: Throughput | None = None
+    tokens_per_s: Throughput | None = None
+    step_ms: Throughput | None = None
+    steps: int = 0
+    check_loss: float | None = None  # loss of batch 0 at the initial weights (no gradient)
+    first_loss: float | None = None  # loss of the first (warm-up) training step: the same number
+    padding: float | None = None  # tokens through the model / real tokens - 1
+    skipped: str = ""
+    note: str = ""
+
+
+class Runner:
+    """Calls ``Stage2Step.train_step`` on the workload's batches in order and times each call
+    (perf_counter, CPU); the first ``warmup`` calls are recorded but not counted."""
+
+    def __init__(self, step: Stage2Step, batches: list[Batch], warmup: int):
+        self.step, self.batches, self.warmup = step, batches, warmup
+        self.calls: list[tuple[float, int, int]] = []  # (seconds, pairs, real tokens)
+        self.losses: list[float] = []
+        for b in batches:
+            step.prepare(b)
+
+    def __call__(self) -> float:
+        batch = self.batches[len(self.calls) % len(self.batches)]
+        t0 = time.perf_counter()
+        loss = self.step.train_step(batch)
+        dt = time.perf_counter() - t0
+        self.calls.append((dt, batch.num_pairs, batch.num_tokens))
+        self.losses.append(float(loss))
+        return self.losses[-1]
+
+    def result(self, vocab: int) -> Result:
+        timed = self.calls[self.warmup :] or self.calls
+        return Result(
+            vocab,
+            self.step.variant,
+            pairs_per_s=Throughput.of([p / t for t, p, _ in timed]),
+            tokens_per_s=Throughput.of([n / t for t, _, n in timed]),
+            step_ms=Throughput.of([t * 1e3 for t, _, _ in timed]),
+            steps=len(timed),
+            first_loss=self.losses[0] if self.losses else None,
+        )
+
+
+def unavailable(variant: str) -> str:
+    return st_unavailable() if variant == "st" else ""
+
+
+def make_step(variant: str, wl: Workload, cfg: Stage2Config, vocab: int) -> Stage2Step:
+    lm = base_model(wl, vocab, cfg.seed)
+    folder = wl.root / f"st-model-v{vocab}"
+    return Stage2Step(
+        variant,
+        lm,
+        wl.output_ids,
+        wl.pad_id,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        groups_per_forward=padded_groups_per_forward(cfg, vocab) if variant == "padded" else None,
+        tokenizer=wl.tokenizer,
+        folder=folder,
+    )
+
+
+def padding_of(step: Stage2Step, batches: list[Batch]) -> float | None:
+    if step.variant == "ours":
+        return 0.0
+    side = "right" if step.variant == "padded" else "left"
+    gpf = step.groups_per_forward if step.variant == "padded" else None
+    through = sum(sum(c[0].numel() for c in b.padded(gpf, side, step.pad_id, step.device)) for b in batches)
+    return through / sum(b.num_tokens for b in batches) - 1.0
+
+
+def finish_result(runner: Runner, vocab: int, check_loss: float | None) -> Result:
+    """The runner's Result with the check loss, the padding and a note on the forwards per step."""
+    result = runner.result(vocab)
+    forwards = statistics.mean(len(runner.step._chunks(b)) for b in runner.batches)
+    result.check_loss = check_loss
+    result.note = f"{runner.step.note}; {forwards:g} forward(s) per step"
+    result.padding = padding_of(runner.step, runner.batches)
+    return result
+
+
+@dataclass
+class Report:
+    config: Stage2Config
+    threads: int = 0
+    waste: float | None = None
+    pairs_per_step: float | None = None
+    tokens_per_step: float | None = None
+    load_before: float | None = None  # 1-minute load average when the run started / ended
+    load_after: float | None = None
+    counters: tuple | None = None  # cpu_counters() when the timing started
+    other_cpus: float | None = None  # CPUs other processes used on average while the rows ran
+    other_cpus_by_vocab: dict = field(default_factory=dict)  # the same per vocabulary size (block of rows)
+    results: dict = field(default_factory=dict)  # (vocab, variant) -> Result
+
+    def add(self, result: Result) -> None:
+        self.results[(result.vocab, result.variant)] = result
+
+    def finish(self) -> None:
+        self.load_after = _load()
+        self.other_cpus = other_cpus(self.counters, cpu_counters())
+
+    def table(self) -> str:
+        return format_table(self)
+
+
+def _failure(exc: BaseException) -> str:
+    return "failed: " + f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")[:200]
+
+
+def run(cfg: Stage2Config, variants=VARIANTS, log=print, wl: Workload | None = None) -> Report:
+    """All rows at each vocabulary size. The rows' steps are interleaved (step i of every row, then
+    step i + 1), so that a change in the machine's load during the run hits every row alike."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    wl = wl or build_workload(cfg, cfg.warmup + cfg.rounds)
+    report = Report(cfg, threads=torch.get_num_threads(), waste=wl.waste, load_before=_load())
+    report.counters = cpu_counters()
+    timed = wl.batches[cfg.warmup :] or wl.batches
+    report.pairs_per_step = statistics.mean(b.num_pairs for b in timed)
+    report.tokens_per_step = statistics.mean(b.num_tokens for b in timed)
+    for vocab in cfg.vocab_list:
+        block_start = cpu_counters()
+        runners: dict[str, Runner] = {}
+        checks: dict[str, float] = {}
+        for variant in variants:
+            reason = unavailable(variant)
+            if reason:
+                report.add(Result(vocab, variant, skipped=reason))
+                log(f"[stage2] V={vocab} {variant}: skipped ({reason})")
+                continue
+            try:
+                step = make_step(variant, wl, cfg, vocab)
+                runners[variant] = Runner(step, wl.batches, cfg.warmup)
+                checks[variant] = step.loss(wl.batches[0])  # the initial weights, before any step
+            except Exception as exc:  # noqa: BLE001 - a row that cannot run says why
+                runners.pop(variant, None)
+                report.add(Result(vocab, variant, skipped=_failure(exc)))
+                log(f"[stage2] V={vocab} {variant}: {_failure(exc)}")
+        failed: dict[str, str] = {}
+        for i in range(cfg.warmup + cfg.rounds):
+            for variant, runner in runners.items():
+                if variant in failed:
+                    continue
+                try:
+                    runner()
+                except Exception as exc:  # noqa: BLE001
+                    failed[variant] = _failure(exc)
+                    log(f"[stage2] V={vocab} {variant}: {failed[variant]}")
+            log(
+                f"[stage2] V={vocab}: step {i + 1}/{cfg.warmup + cfg.rounds} done"
+                + (" (warm-up)" if i < cfg.warmup else "")
+            )
+        for variant in variants:
+            if variant not in runners:
+                continue
+            if variant in failed:
+                report.add(Result(vocab, variant, skipped=failed[variant]))
+                continue
+            result = finish_result(runners[variant], vocab, checks[variant])
+            report.add(result)
+            log(
+                f"[stage2] V={vocab} {variant}: {result.pairs_per_s.median:.0f} pairs/s, "
+                f"{result.step_ms.median:.0f} ms/step, loss(batch 0) {result.check_loss:.6f}"
+            )
+        del runners
+        report.other_cpus_by_vocab[vocab] = other_cpus(block_start, cpu_counters())
+    report.finish()
+    return report
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def cpu_counters() -> tuple[float, float, float] | None:
+    """(CPU seconds busy on the whole machine, CPU seconds of this process, wall seconds), or None
+    without /proc/stat. Two snapshots give the CPUs that other processes used in between."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system + irq softirq steal (not idle, iowait)
+    own = os.times()  # children that were waited for count as ours (pytest's memory subprocesses)
+    return busy / hz, own.user + own.system + own.children_user + own.children_system, time.perf_counter()
+
+
+def other_cpus(start, end) -> float | None:
+    """CPUs used on average by other processes between two ``cpu_counters`` snapshots."""
+    if start is None or end is None or end[2] <= start[2]:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+
+def _rel(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def speedup(report: Report, vocab: int, other: str) -> float | None:
+    """ours' median pairs/s / ``other``'s."""
+    ours, row = report.results.get((vocab, "ours")), report.results.get((vocab, other))
+    if ours is None or row is None or ours.skipped or row.skipped:
+        return None
+    return ours.pairs_per_s.median / row.pairs_per_s.median
+
+
+def format_table(report: Report) -> str:
+    cfg = report.config
+    rows = []
+    for (vocab, variant), r in report.results.items():
+        label = LABELS.get(variant, variant)
+        if r.skipped:
+            rows.append([vocab, label, r.skipped] + ["-"] * 6)
+            continue
+        ours = report.results.get((vocab, "ours"))
+        sp = speedup(report, vocab, variant) if variant != "ours" else None
+        diff = _rel(r.check_loss, ours.check_loss) if ours is not None and variant != "ours" else None
+        rows.append(
+            [
+                vocab,
+                label,
+                r.pairs_per_s.fmt(0),
+                r.tokens_per_s.fmt(0),
+                r.step_ms.fmt(0),
+                "1.00" if variant == "ours" else C.fmt_ratio(sp),
+                f"{100 * r.padding:.0f}%" if r.padding is not None else "-",
+                f"{r.check_loss:.6f}" if r.check_loss is not None else "-",
+                "-" if diff is None else f"{diff:.1e}",
+            ]
+        )
+    pairs = f"{report.pairs_per_step:.0f}" if report.pairs_per_step else "-"
+    toks = f"{report.tokens_per_step:.0f}" if report.tokens_per_step else "-"
+    out = [
+        f"CPU stage-2 training step (forward + backward + AdamW): {cfg.describe()}",
+        f"torch {torch.__version__}, {report.threads} threads, {os.cpu_count()} cpus; "
+        f"{pairs} pairs and {toks} real tokens per timed step on average; packing waste of the plan "
+        f"{100 * (report.waste or 0):.1f}%",
+    ]
+    if report.other_cpus is not None or report.load_before is not None:
+        line = "machine load while the rows ran: "
+        if report.other_cpus is not None:
+            line += f"other processes used {report.other_cpus:.2f} of {os.cpu_count()} CPUs on average"
+        if report.load_before is not None:
+            line += f"{'; ' if report.other_cpus is not None else ''}1-min load average {report.load_before:.2f}"
+            line += f" at the start, {report.load_after or 0:.2f} at the end (this process included)"
+        busy = report.other_cpus > OTHER_CPUS_WARNING if report.other_cpus is not None else False
+        if busy:
+            line += " -- WARNING: the CPUs were shared, the timings are unreliable" + (
+                f" (with {report.threads} threads each OpenMP barrier waits for a descheduled thread)"
+                if report.threads > 1
+                else ""
+            )
+        out.append(line)
+    out += [
+        "",
+        C.markdown_table(
+            [
+                "V",
+                "variant",
+                "pairs/s median [p20, p80]",
+                "tokens/s median [p20, p80]",
+                "ms/step median [p20, p80]",
+                "ours / this",
+                "padding",
+                "loss batch 0",
+                "rel. diff vs ours",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    ratio_rows = []
+    for vocab in cfg.vocab_list:
+        for other, name in (("padded", "ours / transformers padded (b)"), ("st", "ours / sentence-transformers (c)")):
+            if (vocab, other) not in report.results:
+                continue
+            sp = speedup(report, vocab, other)
+            target = ""
+            if other == "padded" and sp is not None:
+                target = f">= {SPEEDUP_TARGET:.0f}x: {'met' if sp >= SPEEDUP_TARGET else 'MISSED'}"
+            busy = report.other_cpus_by_vocab.get(vocab)
+            ratio_rows.append(
+                [
+                    f"V={vocab}: {name}",
+                    "-" if sp is None else f"{sp:.2f}x",
+                    target,
+                    "-" if busy is None else f"{busy:.2f}" + (" (unreliable)" if busy > OTHER_CPUS_WARNING else ""),
+                ]
+            )
+    if ratio_rows:
+        out.append(C.markdown_table(["pairs/s ratio", "value", "target", "CPUs used by others"], ratio_rows))
+        out.append("")
+    checks = []
+    for (vocab, variant), r in report.results.items():
+        ours = report.results.get((vocab, "ours"))
+        if variant == "ours" or r.skipped or ours is None or ours.skipped:
+            continue
+        diff = _rel(r.check_loss, ours.check_loss)
+        ok = diff is not None and diff <= LOSS_RTOL
+        checks.append(f"V={vocab} {variant} vs ours {diff:.1e} ({'PASS' if ok else 'FAIL'})")
+    if checks:
+        out.append(f"same loss on batch 0 at the initial weights (rel. <= {LOSS_RTOL:g}): " + "; ".join(checks))
+    notes: dict[str, list[str]] = {}
+    for (vocab, variant), r in report.results.items():
+        if r.note and not r.skipped:
+            notes.setdefault(variant, []).append(f"V={vocab}: {r.note}")
+    for variant, lines in notes.items():
+        texts = {line.split(": ", 1)[1] for line in lines}
+        out += [f"- {variant}: {texts.pop()}"] if len(texts) == 1 else [f"- {variant}, {line}" for line in lines]
+    out.append(
+        "- tokens/s counts real tokens only (padding excluded); 'padding' = tokens through the model / real - 1. "
+        "Each row trains a copy of the same initial weights on the same steps."
+    )
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stage2", description=__doc__.split("\n\n")[0])
+    defaults = Stage2Config()
+    for f in fields(Stage2Config):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Stage2Config:
+    cfg = Stage2Config()
+    for f in fields(Stage2Config):
+        value = getattr(args, f.name)
+        if value is not None:
+            setattr(cfg, f.name, value)
+    return cfg
+
+
+def to_json(report: Report) -> dict:
+    return {
+        "config": asdict(report.config),
+        "threads": report.threads,
+        "packing_waste": report.waste,
+        "cpus": os.cpu_count(),
+        "results": [asdict(r) for r in report.results.values()],
+        "speedup_vs_padded": {v: speedup(report, v, "padded") for v in report.config.vocab_list},
+        "speedup_vs_st": {v: speedup(report, v, "st") for v in report.config.vocab_list},
+        "other_cpus": report.other_cpus,
+        "other_cpus_by_vocab": report.other_cpus_by_vocab,
+    }
+
+
+def _json_default(o):
+    return None if isinstance(o, float) and math.isnan(o) else str(o)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = config_from_args(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; choose from {VARIANTS}")
+    if cfg.rounds < 1 or cfg.warmup < 0:
+        raise SystemExit("--rounds must be >= 1 and --warmup >= 0")
+    report = run(cfg, variants, log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                to_json(report), f, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o
+            )
+    print(report.table(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
