@@ -83,7 +83,7 @@ def assert_close(a, b, rtol=1e-5, atol=1e-7, what=""):
     assert e <= bound, f"{what}: |ours - liger| = {e:.3e} > {bound:.3e} (ours {a}, liger {b})"
 
 
-def compare(ours_out, liger_out, *, with_bias=False):
+def assert_same_as_liger(ours_out, liger_out, *, with_bias=False):
     loss, metrics, grads = ours_out
     l_loss, l_metrics, l_grads = liger_out
     assert_close(loss, l_loss, atol=1e-6, what="loss")
@@ -132,7 +132,7 @@ def test_module_matches_liger(loss_type, level, beta, with_old, temperature):
     ours, liger = modules(**_cfg(loss_type, level, beta, temperature))
     ours_out = run(ours, batch, with_old=with_old, with_ref=beta != 0.0)
     liger_out = run(liger, batch, with_old=with_old, with_ref=beta != 0.0)
-    compare(ours_out, liger_out)
+    assert_same_as_liger(ours_out, liger_out)
     assert len(ours_out[1]) == (2 if beta != 0.0 else 1)
     if with_old:
         assert liger_out[1][-1] > 0  # clipping happens: the clip metric comparison is not vacuous
@@ -155,7 +155,7 @@ def test_module_triton_matches_liger(monkeypatch, loss_type, level, beta, with_o
     monkeypatch.setenv("PRORANK_CHUNK_ROWS", "8")
     batch = make_batch(seed=2, temperature=temperature, with_bias=True)
     ours, liger = modules(impl="triton", **_cfg(loss_type, level, beta, temperature))
-    compare(
+    assert_same_as_liger(
         run(ours, batch, with_old=with_old, with_ref=beta != 0.0),
         run(liger, batch, with_old=with_old, with_ref=beta != 0.0),
         with_bias=True,
@@ -169,7 +169,7 @@ def test_module_bias_delta_chunking(monkeypatch, level):
     batch = make_batch(seed=3, temperature=0.8, with_bias=True)
     cfg = {**_cfg("grpo", level, 0.04, 0.8), "delta": 1.5}
     ours, liger = modules(**cfg)
-    compare(
+    assert_same_as_liger(
         run(ours, batch, with_old=True, with_ref=True),
         run(liger, batch, with_old=True, with_ref=True),
         with_bias=True,
@@ -182,14 +182,16 @@ def test_module_defaults_match_liger():
     ours = FusedLinearGRPOLoss()
     liger = LigerFusedLinearGRPOLoss(compiled=False)
     assert ours.beta == liger.beta and ours.loss_type == liger.loss_type
-    compare(run(ours, batch, with_old=True, with_ref=True), run(liger, batch, with_old=True, with_ref=True))
+    assert_same_as_liger(
+        run(ours, batch, with_old=True, with_ref=True), run(liger, batch, with_old=True, with_ref=True)
+    )
 
 
 @pytest.mark.parametrize("num_items", [60, torch.tensor(45.0)])
 def test_module_num_items_in_batch(num_items):
     batch = make_batch(seed=5)
     ours, liger = modules(**_cfg("dapo", "token", 0.04, 1.0))
-    compare(
+    assert_same_as_liger(
         run(ours, batch, with_old=True, with_ref=True, num_items_in_batch=num_items),
         run(liger, batch, with_old=True, with_ref=True, num_items_in_batch=num_items),
     )
@@ -205,7 +207,7 @@ def test_module_ref_model_inputs():
     ours, liger = modules(**cfg)
     ours_out = run(ours, batch, with_old=True, with_ref=False, ref_input=ref_input, ref_weight=ref_weight)
     liger_out = run(liger, batch, with_old=True, with_ref=False, ref_input=ref_input, ref_weight=ref_weight)
-    compare(ours_out, liger_out)
+    assert_same_as_liger(ours_out, liger_out)
     assert ours_out[1][0] > 1e-4  # the KL to the perturbed reference is really there
 
 
@@ -223,7 +225,7 @@ def test_module_frozen_head_matches_liger():
         loss.backward()
         assert w.grad is None
         outs.append((loss.detach(), metrics, (x.grad,)))
-    compare(*outs)
+    assert_same_as_liger(*outs)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -232,7 +234,7 @@ def test_module_all_rows_masked(loss_type):
     ours, liger = modules(**_cfg(loss_type, "token", 0.04, 1.0))
     ours_out = run(ours, batch, with_old=True, with_ref=True)
     liger_out = run(liger, batch, with_old=True, with_ref=True)
-    compare(ours_out, liger_out)
+    assert_same_as_liger(ours_out, liger_out)
     assert ours_out[0].item() == 0.0
 
 
@@ -248,7 +250,7 @@ def test_module_upstream_gradient_and_no_grad():
         loss, metrics = module(x, w, *args, **kw)
         (2.5 * loss).backward()
         results.append((loss.detach(), metrics, (x.grad, w.grad)))
-    compare(*results)
+    assert_same_as_liger(*results)
     with torch.no_grad():
         loss_ng, metrics_ng = ours(batch["x"], batch["weight"], *args, **kw)
     assert_close(loss_ng, results[1][0], atol=1e-6, what="no_grad loss")
