@@ -255,9 +255,8 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_metric_grads):
-        grads = []
-        for g in ctx.saved_tensors:
-            grads.append(None if g is None else (g if grad_loss.item() == 1.0 else g * grad_loss.to(g.dtype)))
+        unit = bool(grad_loss == 1.0)  # one sync; skip scaling [V, H] in the usual loss.backward()
+        grads = [None if g is None else (g if unit else g * grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
         # hidden, weight, bias, token_ids, advantages, seq_ids, old, ref, opts
         return (*grads, None, None, None, None, None, None)
 

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from gold import assert_close, err
 
 from prorank_fast.kernels import fused_linear_grpo_loss, reference
 
@@ -105,19 +106,6 @@ def run_gold(inp: Inputs, **kw):
     if b is None:
         grads.append(None)
     return loss.detach(), metrics, tuple(grads)
-
-
-def err(a, b):
-    return (a.detach().double() - b.detach().double()).norm().item()
-
-
-def assert_close(a, b, rtol=1e-5, atol=1e-7, what=""):
-    assert a is not None, f"{what}: got None"
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    e = err(a, b)
-    bound = rtol * b.detach().double().norm().item() + atol
-    assert e <= bound, f"{what}: |ours - gold| = {e:.3e} > {bound:.3e} (|gold| = {b.double().norm().item():.3e})"
 
 
 def check_metrics(metrics, gold_metrics, rtol=1e-5, atol=1e-6):

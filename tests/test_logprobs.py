@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gold import assert_close, err
 
 from prorank_fast.kernels import fused_linear_logprobs, reference
 
@@ -28,19 +29,6 @@ def make(N=24, H=16, V=1000, *, seed=0, bias=True, scale=2.0, dtype=torch.float3
     r1 = torch.randn(N, generator=g)
     r2 = torch.randn(N, generator=g)
     return hidden, weight, b, tokens, r1, r2
-
-
-def err(a, b):
-    return (a.detach().double() - b.detach().double()).norm().item()
-
-
-def assert_close(a, b, rtol=1e-5, atol=1e-7, what=""):
-    assert a is not None, f"{what}: got None"
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    assert torch.isfinite(a).all(), f"{what}: non-finite values"
-    e = err(a, b)
-    bound = rtol * b.detach().double().norm().item() + atol
-    assert e <= bound, f"{what}: |ours - gold| = {e:.3e} > {bound:.3e} (|gold| = {b.double().norm().item():.3e})"
 
 
 def leaves(*ts, dtype=None):
