@@ -3,6 +3,10 @@
 Subcommands that exist today:
   train [RECIPE] [key=value ...] [--dry-run]   stage-2 training; no RECIPE = the embedded default (tiny)
   bench [cpu|stage2|gpu] [ARGS...]             the benchmarks (benchmarks/cpu_grpo.py, stage2.py, gpu_suite.py)
+  eval MODEL --data BEIR_DIR|hf:NAME [--run TREC | --first-stage bm25] [--k 100]
+                                               rerank a first stage, write TREC runs + metrics.json
+  rank MODEL --input PAIRS.jsonl [--output SCORES.jsonl] [--max-tokens N] [--device D]
+                                               score {query, document} lines; each line back with "score"
 
 The benchmark suites live in the source checkout (``benchmarks/``, beside the package),
 not in the installed wheel: ``bench`` needs an editable install or a checkout on sys.path.
@@ -72,6 +76,95 @@ def _train(items: list[str], *, dry_run: bool) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import re
+
+    from .evaluate import (
+        BeirFormatError,
+        bm25_first_stage,
+        evaluate_reranker,
+        first_stage_candidates,
+        format_metrics_table,
+        load_collection,
+        read_trec_run,
+    )
+
+    for flag, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 1:
+            raise SystemExit(f"prorank-fast eval: {flag} must be >= 1, got {value}")
+    # Data and first stage before the model: bad input fails in seconds, not after a load.
+    try:
+        data = load_collection(args.data, args.split)
+        if args.run:
+            first = read_trec_run(args.run, corpus=data.corpus)
+            first_name, source = "first_stage", args.run
+        else:
+            first = bm25_first_stage(data, k=args.k)
+            first_name, source = "BM25", "bm25s"
+        first_stage_candidates(data, first, args.k, source=source)  # the checks evaluate_reranker makes
+    except BeirFormatError as exc:
+        raise SystemExit(f"prorank-fast eval: {exc}") from exc
+    data_name = re.sub(r"[^\w.-]+", "_", args.data.removeprefix("hf:").rstrip("/").split("/")[-1]) or "data"
+    out = Path(args.output_dir or Path("runs") / "eval" / data_name)
+
+    from .rerank import Reranker
+
+    kwargs = {k: v for k, v in (("device", args.device), ("max_tokens", args.max_tokens)) if v is not None}
+    try:
+        reranker = Reranker.from_pretrained(args.model, **kwargs)
+    except (FileNotFoundError, ValueError) as exc:  # not a model folder: say so without a traceback
+        raise SystemExit(f"prorank-fast eval: {exc}") from exc
+
+    def score_fn(pairs):
+        return reranker.predict(pairs, show_progress_bar=False)  # one bar, rerank_run's, over all batches
+
+    info = {"model": args.model, "data": args.data, "split": args.split, "argv": sys.argv[1:]}
+    try:
+        report = evaluate_reranker(
+            score_fn, data, first, k=args.k, out_dir=out, first_stage_name=first_name, run_source=source,
+            batch_size=args.batch_size, show_progress=True, info=info,
+        )  # fmt: skip
+    except BeirFormatError as exc:
+        raise SystemExit(f"prorank-fast eval: {exc}") from exc
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
+    c = report["collection"]
+    print(f"{c['source']}: {c['queries']} queries, {c['documents']} documents; top {args.k} of {source} reranked")
+    print(format_metrics_table(report["metrics"]))
+    if report["skipped"]:
+        print("skipped: " + json.dumps(report["skipped"]))
+    print(f"runs: {report['files']['first_stage_run']}, {report['files']['reranker_run']}")
+    print(f"metrics: {report['files']['metrics']}")
+    return 0
+
+
+def _rank(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .rerank import Reranker, read_pairs_jsonl, write_scores_jsonl
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise SystemExit(f"prorank-fast rank: --max-tokens must be >= 1, got {args.max_tokens}")
+    try:  # the input before the model: bad input fails in seconds, naming file, line and field
+        records, pairs = read_pairs_jsonl(args.input)
+    except DataError as exc:
+        raise SystemExit(f"prorank-fast rank: {exc}") from exc
+    kwargs = {k: v for k, v in (("device", args.device), ("max_tokens", args.max_tokens)) if v is not None}
+    try:
+        reranker = Reranker.from_pretrained(args.model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"prorank-fast rank: {exc}") from exc
+    scores = reranker.predict(pairs, instruction=args.instruction, normalize=args.normalize)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as out:
+            write_scores_jsonl(records, scores, out)
+        print(f"{len(scores)} scores: {args.output}", file=sys.stderr)
+    else:
+        write_scores_jsonl(records, scores, sys.stdout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prorank-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,11 +182,50 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a benchmark suite; arguments after the suite name go to it (try `bench cpu --help`).",
     )
     bench.add_argument("suite", nargs="?", choices=sorted(BENCH_SUITES), default="cpu")
+    ev = sub.add_parser(
+        "eval",
+        help="rerank a first stage with a model; TREC runs and metrics (nDCG@10, MRR@10, Recall@100)",
+        description="Rerank the top k of a first stage (BM25 by bm25s, or a TREC run file) with MODEL "
+        "(a folder written by `prorank-fast train`), write both runs and metrics.json, print a table.",
+    )
+    ev.add_argument("model", metavar="MODEL")
+    ev.add_argument("--data", required=True, help="a BEIR folder, or hf:<name or folder> (NanoBEIR layout)")
+    first_stage = ev.add_mutually_exclusive_group()
+    first_stage.add_argument("--run", metavar="TREC_RUN", help="first-stage run file (instead of BM25)")
+    # default None, not "bm25": argparse ignores a value equal to the default in its exclusivity check
+    first_stage.add_argument("--first-stage", choices=["bm25"], default=None, help="default: bm25")
+    ev.add_argument("--k", type=int, default=100, help="candidates reranked per query (default 100)")
+    ev.add_argument("--split", default=None, help="qrels split (default: test; a datasets collection: its only one)")
+    ev.add_argument("--output-dir", default=None, help="default: runs/eval/<data name>")
+    ev.add_argument("--max-tokens", type=int, default=None, help="tokens per packed batch (the reranker's default)")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the reranker's choice)")
+    ev.add_argument("--batch-size", type=int, default=1024, help="pairs per predict() call (default 1024)")
+    rk = sub.add_parser(
+        "rank",
+        help="score (query, document) pairs from a JSONL file with a model",
+        description="Score each line {query, document (or doc/text), ...} of --input with MODEL (a folder "
+        'written by `prorank-fast train`); write each line back with a "score" field (stdout without --output).',
+    )
+    rk.add_argument("model", metavar="MODEL")
+    rk.add_argument("--input", required=True, metavar="PAIRS.jsonl")
+    rk.add_argument("--output", default=None, metavar="SCORES.jsonl", help="default: stdout")
+    rk.add_argument("--max-tokens", type=int, default=None, help="tokens per packed batch (the reranker's default)")
+    rk.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    rk.add_argument("--instruction", default=None, help="instruction for every pair (default: the model's)")
+    rk.add_argument("--normalize", action="store_true", help="sigmoid of the score (a probability)")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "rank":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _rank(args)
     if args.command == "train":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _train(args.items, dry_run=args.dry_run)
+    if args.command == "eval":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return _eval(args)
     if args.command == "bench":
         result = _import_suite(args.suite).main(rest)
         return int(result or 0)

@@ -1,6 +1,6 @@
 """Recipes: dataclasses, YAML loading, `key=value` overrides, validation.
 
-A recipe has four sections (model, data, stage2, train). `prorank-fast train RECIPE
+A recipe has five sections (model, data, stage1, stage2, train). `prorank-fast train RECIPE
 train.lr=3e-4 output_dir=runs/x` loads the YAML into these dataclasses, then applies the
 overrides; a key may be dotted (`train.lr`) or bare when it names one field of one section
 (`output_dir`). Every unknown key or ill-typed value is an error naming the key.
@@ -73,6 +73,40 @@ class DataConfig:
 
 
 @dataclass
+class Stage1Config:
+    """GRPO prompt warmup (ProRank stage 1). Every default is ours: the paper does not publish
+    G, beta, epsilon or the learning rate."""
+
+    enabled: bool = False  # run stage 1, then stage 2 from its weights
+    # binary-labelled (query, document, 0/1) pairs, any format the readers accept; "demo" = the
+    # generated demo's stage1 pairs; None = data.train (whose labels must then be 0/1)
+    train: str | None = "demo"
+    eval: str | None = "demo"  # held-out pairs for the valid-format rate / accuracy; None skips
+    max_eval_pairs: int = 200
+    max_steps: int = 100
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    prompts_per_step: int = 16  # global, across ranks
+    group_size: int = 8  # G completions per prompt
+    max_new_tokens: int = 2  # the answer and the end token
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rewards: tuple[str, ...] = ("format", "correctness")  # registered names or module:function
+    reward_weights: tuple[float, ...] = (1.0, 1.0)
+    scale_rewards: str = "group"  # group | batch | none (TRL)
+    beta: float = 0.0  # k3 KL to a frozen copy of the starting model; 0 = no reference model
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    num_iterations: int = 1  # optimizer steps per batch of rollouts (old log-probs when > 1)
+    checkpoint_every: int = 50
+    # also train stage 2 alone from the same start (output_dir/stage2_alone) and report its nDCG@10
+    compare_stage2_alone: bool = False
+
+
+@dataclass
 class Stage2Config:
     loss: str = "listwise"  # bce | mse | listwise | distill
     temperature: float = 1.0  # distill softmax temperature
@@ -103,6 +137,7 @@ class TrainConfig:
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str = "<defaults>"
@@ -113,13 +148,16 @@ class Recipe:
         return out
 
 
-SECTIONS = ("model", "data", "stage2", "train")
+SECTIONS = ("model", "data", "stage1", "stage2", "train")
 _CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
     ("model", "attn_implementation"): ("prorank_varlen", "sdpa", "eager", "flash_attention_2"),
     ("model", "varlen_backend"): ("auto", "flash_attn", "torch_varlen", "sdpa"),
     ("data", "format"): ("auto", "groups", "pointwise", "columns", "beir"),
     ("data", "template"): ("prorank", "qwen3"),
+    ("stage1", "scale_rewards"): ("group", "batch", "none"),
+    ("stage1", "loss_type"): ("grpo", "bnpo", "dr_grpo", "dapo"),
+    ("stage1", "importance_sampling_level"): ("token", "sequence"),
     ("stage2", "loss"): ("bce", "mse", "listwise", "distill"),
     ("train", "device"): ("auto", "cpu", "cuda"),
 }
@@ -298,3 +336,29 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: stage2.temperature must be > 0")
     if t.checkpoint_every < 0:
         raise RecipeError(f"{where}: train.checkpoint_every must be >= 0")
+    if recipe.stage1.enabled:
+        _validate_stage1(recipe.stage1, where)
+
+
+def _validate_stage1(g: Stage1Config, where: str) -> None:
+    if g.group_size < 2:
+        raise RecipeError(
+            f"{where}: stage1.group_size must be >= 2 (advantages are relative to the group), got {g.group_size}"
+        )
+    if g.max_new_tokens < 1:
+        raise RecipeError(f"{where}: stage1.max_new_tokens must be >= 1, got {g.max_new_tokens}")
+    for key in ("max_steps", "prompts_per_step", "num_iterations"):
+        if getattr(g, key) < 1:
+            raise RecipeError(f"{where}: stage1.{key} must be >= 1, got {getattr(g, key)}")
+    if g.lr <= 0:
+        raise RecipeError(f"{where}: stage1.lr must be > 0")
+    if g.temperature < 0 or not 0 < g.top_p <= 1:
+        raise RecipeError(f"{where}: stage1.temperature must be >= 0 and stage1.top_p in (0, 1]")
+    if not g.rewards or len(g.rewards) != len(g.reward_weights):
+        raise RecipeError(f"{where}: stage1.rewards and stage1.reward_weights need the same, non-zero length")
+    if g.beta < 0 or g.epsilon_low < 0 or g.epsilon_high < 0:
+        raise RecipeError(f"{where}: stage1.beta / epsilon_low / epsilon_high must be >= 0")
+    if not 0 <= g.warmup_ratio < 1:
+        raise RecipeError(f"{where}: stage1.warmup_ratio must be in [0, 1)")
+    if g.checkpoint_every < 0:
+        raise RecipeError(f"{where}: stage1.checkpoint_every must be >= 0")

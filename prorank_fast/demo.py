@@ -159,6 +159,8 @@ class DemoPaths:
     root: Path
     train: Path  # train.jsonl: FlagEmbedding groups
     eval: Path  # eval/: BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)
+    stage1_train: Path  # stage1_train.jsonl: binary (query, document, label) pairs of the training queries
+    stage1_eval: Path  # stage1_eval.jsonl: the same for the held-out queries
 
 
 @dataclass
@@ -343,7 +345,26 @@ def make_demo(
     for t in held_sorted:
         qrels += [f"q{t:03d}\t{d}\t{s}" for d, s in sorted(grades[t].items()) if s > 0]
     (root / "eval" / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n", encoding="utf-8")
-    return DemoPaths(root=root, train=train, eval=root / "eval")
+
+    # Stage-1 pairs: binary labels, grade 2 -> 1, grade 0 -> 0 (grade 1 is neither), balanced per
+    # query with BM25-mined negatives first. Own RNG: the files above stay byte-identical.
+    pair_rng = random.Random(seed + 1)
+    held_hard = _bm25_candidates([queries[t] for t in held_sorted], docs, k=_MINE_DEPTH)
+    hard_of = dict(zip(train_ids, hard, strict=True)) | dict(zip(held_sorted, held_hard, strict=True))
+    for name, ids in (("stage1_train.jsonl", train_ids), ("stage1_eval.jsonl", held_sorted)):
+        lines = []
+        for t in ids:
+            g = grades[t]
+            positives = sorted(d for d, s in g.items() if s == 2)
+            negatives = [d for d in hard_of[t] if g[d] == 0][: len(positives)]
+            pairs = [(d, 1) for d in positives] + [(d, 0) for d in negatives]
+            pair_rng.shuffle(pairs)
+            lines += [json.dumps({"query": queries[t], "document": text_of[d], "label": y}) for d, y in pairs]
+        (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return DemoPaths(
+        root=root, train=train, eval=root / "eval",
+        stage1_train=root / "stage1_train.jsonl", stage1_eval=root / "stage1_eval.jsonl",
+    )  # fmt: skip
 
 
 def demo_texts(paths: DemoPaths) -> list[str]:

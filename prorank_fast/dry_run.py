@@ -80,6 +80,16 @@ def dry_run(recipe: Recipe) -> dict:
         "loss": recipe.stage2.loss,
         "train_data": _data_check(recipe.data.train),
         "eval_data": _data_check(recipe.data.eval),
+        "stage1": (
+            {
+                "train_data": _data_check(recipe.stage1.train or recipe.data.train),
+                "steps": recipe.stage1.max_steps,
+                "group_size": recipe.stage1.group_size,
+                "beta": recipe.stage1.beta,
+            }
+            if recipe.stage1.enabled
+            else "disabled"
+        ),  # fmt: skip
         **_tokenizer_check(recipe),
     }
     return report

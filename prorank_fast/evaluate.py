@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,13 @@ __all__ = [
     "BeirFormatError",
     "DEFAULT_MEASURES",
     "bm25_first_stage",
+    "evaluate_reranker",
     "evaluate_run",
+    "first_stage_candidates",
     "format_metrics_table",
     "load_beir",
+    "load_collection",
+    "load_hf_beir",
     "read_trec_run",
     "rerank_run",
     "write_trec_run",
@@ -375,6 +380,231 @@ def _clean(
 
 
 # ---------------------------------------------------------------------------------------
+# Loading: `datasets` collections (NanoBEIR layout)
+
+_HF_SUBSETS = ("corpus", "queries", "qrels")
+_SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+def load_collection(spec: str | os.PathLike, split: str | None = None) -> BeirData:
+    """An evaluation collection from a BEIR folder or a `datasets` collection.
+
+    Args:
+        spec: a BEIR folder (:func:`load_beir`); ``hf:<hub name>`` (e.g.
+            ``hf:zeta-alpha-ai/NanoMSMARCO``) or ``hf:<local folder>`` in the NanoBEIR layout
+            (:func:`load_hf_beir`). A folder with ``corpus/``, ``queries/`` and ``qrels/``
+            sub-folders and no ``corpus.jsonl`` is read as the latter without the prefix.
+        split: the qrels split; None: "test" for a BEIR folder, see :func:`load_hf_beir`
+            for a `datasets` collection.
+
+    Raises:
+        BeirFormatError: as the loader called.
+    """
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        return load_hf_beir(spec[3:], split)
+    path = Path(spec)
+    if path.is_dir() and not (path / "corpus.jsonl").exists() and all((path / s).is_dir() for s in _HF_SUBSETS):
+        return load_hf_beir(spec, split)
+    return load_beir(path, split or "test")
+
+
+def load_hf_beir(name: str, split: str | None = None) -> BeirData:
+    """Read a collection laid out as NanoBEIR is on the hub (``zeta-alpha-ai/NanoMSMARCO``):
+    three subsets (configs), ``corpus`` (``_id``, ``text``, ``title``?), ``queries``
+    (``_id``, ``text``) and ``qrels`` (``query-id``, ``corpus-id``, ``score``?). Without a
+    ``score`` column every row judges its document relevant (1): NanoBEIR's qrels have none.
+
+    ``name`` is a hub name (``datasets.load_dataset(name, subset)``: needs the network or
+    the datasets cache) or a local folder with one sub-folder per subset, each a
+    ``save_to_disk`` folder or data files named as on the hub
+    (``<split>-00000-of-00001.parquet``, ``<split>.jsonl``: the split is the file name up
+    to its first "-" or ".").
+
+    Splits: qrels use ``split`` (an error listing the splits when it is absent); with
+    ``split=None``, their only split, else "test". corpus and queries: the same split name
+    if they have it, else their only split (NanoBEIR has one, "train", everywhere).
+
+    Same checks, cleaning and counters as :func:`load_beir`; errors (BeirFormatError) name
+    the dataset, the subset, the split, the row (0-based, as `datasets` indexes rows) and
+    the field.
+    """
+    local = Path(name).expanduser()
+    if not local.is_dir() and name.startswith((".", "/", "~")):
+        raise BeirFormatError(f"{name}: no such folder (a `datasets` collection: corpus/, queries/, qrels/)")
+    folder = local if local.is_dir() else None
+
+    qrels_ds, qrels_split = _pick_split(_load_hf_subset(name, "qrels", folder), name, "qrels", split)
+    tables = {"qrels": (qrels_ds, qrels_split)}
+    for subset in ("corpus", "queries"):
+        loaded = _load_hf_subset(name, subset, folder)
+        tables[subset] = _pick_split(loaded, name, subset, qrels_split, required=False)
+    where = {s: f"{name} [{s}" + (f", split {sp!r}" if sp else "") + "]" for s, (_, sp) in tables.items()}
+
+    warnings: list[str] = []
+    skipped: dict[str, int] = {}
+    cols = _hf_columns(qrels_ds, where["qrels"], ("query-id", "corpus-id"), ("score",))
+    scores = cols.get("score")
+    qrels: Qrels = {}
+    first_row: dict[tuple[str, str], int] = {}
+    repeated = 0
+    for i, (raw_q, raw_d) in enumerate(zip(cols["query-id"], cols["corpus-id"], strict=True)):
+        qid = _hf_id(raw_q, where["qrels"], i, "query-id")
+        did = _hf_id(raw_d, where["qrels"], i, "corpus-id")
+        rel = 1 if scores is None else _hf_int(scores[i], where["qrels"], i, "score")
+        prev = qrels.setdefault(qid, {}).get(did)
+        if prev is not None:
+            if prev != rel:
+                raise BeirFormatError(
+                    f"{where['qrels']} row {i}: field 'score': ({qid}, {did}) judged {rel} here and {prev} "
+                    f"at row {first_row[qid, did]}"
+                )
+            repeated += 1
+            continue
+        qrels[qid][did] = rel
+        first_row[qid, did] = i
+    if not qrels:
+        raise BeirFormatError(f"{where['qrels']}: no judgements")
+    if repeated:
+        skipped["qrels_repeated_row"] = repeated
+        warnings.append(f"{where['qrels']}: {repeated} repeated identical rows ignored")
+
+    cols = _hf_columns(tables["queries"][0], where["queries"], ("_id", "text"), ())
+    queries: dict[str, str] = {}
+    rows: dict[str, int] = {}
+    empty_other = 0
+    for i, (raw_id, raw_text) in enumerate(zip(cols["_id"], cols["text"], strict=True)):
+        qid = _hf_id(raw_id, where["queries"], i, "_id")
+        if qid in rows:
+            raise BeirFormatError(
+                f"{where['queries']} row {i}: field '_id': duplicate query id {qid!r} (first at row {rows[qid]})"
+            )
+        rows[qid] = i
+        text = _hf_text(raw_text, where["queries"], i, "text").strip()
+        if qid not in qrels:
+            empty_other += not text
+            continue  # another split's query
+        if not text:
+            raise BeirFormatError(f"{where['queries']} row {i}: field 'text': query {qid!r} is empty")
+        queries[qid] = text
+    if empty_other:
+        skipped["empty_query_outside_split"] = empty_other
+        warnings.append(f"{where['queries']}: {empty_other} empty queries without judgements ignored")
+
+    cols = _hf_columns(tables["corpus"][0], where["corpus"], ("_id", "text"), ("title",))
+    titles = cols.get("title")
+    corpus: dict[str, str] = {}
+    rows = {}
+    for i, (raw_id, raw_text) in enumerate(zip(cols["_id"], cols["text"], strict=True)):
+        did = _hf_id(raw_id, where["corpus"], i, "_id")
+        if did in rows:
+            raise BeirFormatError(
+                f"{where['corpus']} row {i}: field '_id': duplicate document id {did!r} (first at row {rows[did]})"
+            )
+        rows[did] = i
+        text = _hf_text(raw_text, where["corpus"], i, "text").strip()
+        title = "" if titles is None else _hf_text(titles[i], where["corpus"], i, "title").strip()
+        corpus[did] = f"{title} {text}" if title and text else (title or text)
+
+    return _clean(
+        corpus,
+        queries,
+        qrels,
+        source=f"hf:{name}",
+        query_lines=None,
+        qrels_name=where["qrels"],
+        queries_name=where["queries"],
+        warnings=warnings,
+        skipped=skipped,
+    )
+
+
+def _load_hf_subset(name: str, subset: str, folder: Path | None):
+    import datasets
+
+    try:
+        if folder is None:
+            return datasets.load_dataset(name, subset)
+        path = folder / subset
+        if not path.is_dir():
+            raise BeirFormatError(f"{path}: not found (a `datasets` collection folder has corpus/, queries/, qrels/)")
+        if any((path / m).is_file() for m in _SAVED_MARKERS):
+            return datasets.load_from_disk(str(path))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix in _FILE_BUILDERS and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise BeirFormatError(f"{path}: neither a save_to_disk folder nor data files ({', '.join(_FILE_BUILDERS)})")
+        builders = {_FILE_BUILDERS[p.suffix] for p in files}
+        if len(builders) > 1:
+            raise BeirFormatError(f"{path}: data files of several types ({', '.join(sorted(builders))})")
+        by_split: dict[str, list[str]] = {}
+        for p in files:
+            by_split.setdefault(p.name.replace(".", "-").split("-", 1)[0], []).append(str(p))
+        return datasets.load_dataset(builders.pop(), data_files=by_split)
+    except BeirFormatError:
+        raise
+    except Exception as exc:  # datasets raises many types (FileNotFound, DatasetNotFound, connection errors)
+        raise BeirFormatError(f"{name} [{subset}]: cannot load with datasets: {type(exc).__name__}: {exc}") from exc
+
+
+def _pick_split(loaded, name: str, subset: str, wanted: str | None, *, required: bool | None = None):
+    """(dataset, split name or None) from a Dataset or a DatasetDict; see :func:`load_hf_beir`."""
+    if not hasattr(loaded, "keys"):  # a plain Dataset (save_to_disk of one split): nothing to choose
+        return loaded, None
+    splits = list(loaded.keys())
+    required = wanted is not None if required is None else required
+    if wanted is not None and wanted in loaded:
+        return loaded[wanted], wanted
+    if not required and len(splits) == 1:
+        return loaded[splits[0]], splits[0]
+    if wanted is None and "test" in loaded:
+        return loaded["test"], "test"
+    ask = f"no split {wanted!r}" if required else "several splits, name one (--split)"
+    raise BeirFormatError(f"{name} [{subset}]: {ask}; splits: {', '.join(splits) or 'none'}")
+
+
+def _hf_columns(ds, where: str, required: Sequence[str], optional: Sequence[str]) -> dict[str, list]:
+    names = list(ds.column_names)
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise BeirFormatError(f"{where}: field {missing[0]!r} missing (columns: {', '.join(names)})")
+    return {c: list(ds[c]) for c in (*required, *optional) if c in names}
+
+
+def _hf_id(value: Any, where: str, row: int, name: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise BeirFormatError(f"{where} row {row}: field {name!r} must be a string, got {type(value).__name__}")
+    if not value or any(c.isspace() for c in value):
+        # TREC run files are whitespace-separated: such an id could never round-trip.
+        raise BeirFormatError(f"{where} row {row}: field {name!r}: {value!r} is empty or contains whitespace")
+    return value
+
+
+def _hf_text(value: Any, where: str, row: int, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BeirFormatError(f"{where} row {row}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _hf_int(value: Any, where: str, row: int, name: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _is_int(value.strip()):
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BeirFormatError(f"{where} row {row}: field {name!r}: {value!r} is not an integer")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
 # First stage
 
 
@@ -657,8 +887,13 @@ def _check_token(value: str, what: str) -> None:
         raise ValueError(f"write_trec_run: {what} {value!r} is empty or contains whitespace")
 
 
-def read_trec_run(path: str | os.PathLike) -> Run:
+def read_trec_run(path: str | os.PathLike, *, corpus: Container[str] | None = None) -> Run:
     """Read a 6-column TREC run (``qid Q0 docid rank score tag``, whitespace-separated).
+
+    Args:
+        path: the run file.
+        corpus: if given, every docid must be in it (a run of another collection would
+            otherwise be reranked or scored as if its documents were non-relevant).
 
     Returns:
         run: query id -> {doc id: score}; queries in file order, documents in rank-column
@@ -667,9 +902,12 @@ def read_trec_run(path: str | os.PathLike) -> Run:
     Raises:
         BeirFormatError (a ValueError) naming file, line and field: not 6 fields, a rank
         that is not an integer, a score that is not a finite-or-infinite float (NaN is
-        refused), a document listed twice for one query.
+        refused), a document listed twice for one query, a docid absent from ``corpus``,
+        a missing file.
     """
     path = Path(path)
+    if not path.is_file():
+        raise BeirFormatError(f"{path}: run file not found")
     rows: dict[str, list[tuple[int, int, str, float]]] = {}
     seen: dict[tuple[str, str], int] = {}
     with open(path, encoding="utf-8") as f:
@@ -697,6 +935,184 @@ def read_trec_run(path: str | os.PathLike) -> Run:
                     f"{path} line {lineno}: field 'docid': {did!r} listed twice for query {qid!r} "
                     f"(first at line {seen[qid, did]})"
                 )
+            if corpus is not None and did not in corpus:
+                raise BeirFormatError(
+                    f"{path} line {lineno}: field 'docid': {did!r} (query {qid!r}) is not in the corpus; "
+                    "is the run from another collection?"
+                )
             seen[qid, did] = lineno
             rows.setdefault(qid, []).append((rank, lineno, did, score))
     return {qid: {did: score for _, _, did, score in sorted(docs)} for qid, docs in rows.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Reranker evaluation (`prorank-fast eval`)
+
+
+def evaluate_reranker(
+    score_fn: ScoreFn,
+    data: BeirData,
+    first_stage_run: Mapping[str, Mapping[str, float]],
+    k: int = 100,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    first_stage_name: str = "BM25",
+    reranker_name: str = "reranker",
+    run_source: str | None = None,
+    measures: Sequence[Any] = DEFAULT_MEASURES,
+    batch_size: int = 256,
+    show_progress: bool = False,
+    info: Mapping[str, Any] | None = None,
+) -> dict:
+    """Rerank the first stage's top ``k`` with ``score_fn`` and score both runs side by side.
+
+    Both rows are measured on the same candidates: the first-stage row is its top ``k``
+    per query (by score, ties in the run's order), the set the reranker reorders, so
+    Recall@k is the same in both and nDCG/MRR differ by the reranking alone. Metrics are
+    :func:`evaluate_run`'s, averaged over every judged query of ``data``.
+
+    Counted in ``skipped`` / ``warnings`` (never silently applied): the loading counters of
+    ``data``; ``run_query_not_evaluated``, queries of the run that ``data`` does not
+    evaluate (another split, another collection), dropped; ``query_without_candidates``,
+    judged queries absent from the run or with an empty list (BM25: no term in common
+    with the corpus), which score 0 in both rows.
+
+    Args:
+        score_fn: list of (query text, document text) -> as many scores, higher = more
+            relevant (see :func:`rerank_run`).
+        data: the collection.
+        first_stage_run: query id -> {doc id: score} (:func:`bm25_first_stage`,
+            :func:`read_trec_run`).
+        k: candidates reranked per query (>= 1).
+        out_dir: if given, ``first_stage.trec``, ``reranker.trec`` (TREC runs, the exact
+            inputs of the metrics) and ``metrics.json`` (the returned dict) are written there.
+        first_stage_name, reranker_name: row names in the table and in ``metrics``.
+        run_source: where the first-stage run came from (a file), for messages.
+        measures: ir-measures names, as :func:`evaluate_run` takes them.
+        batch_size: pairs per score_fn call.
+        info: extra JSON-able fields for the report (the model path, the command line).
+
+    Returns:
+        The report: ``metrics`` ({first_stage_name: {...}, reranker_name: {...}}),
+        ``collection``, ``first_stage``, ``reranker``, ``skipped``, ``warnings``,
+        ``files`` (absent without out_dir), ``pairs``, ``seconds``, and ``info``'s fields.
+
+    Raises:
+        BeirFormatError: no query of the run is judged in ``data`` (a run of another split
+            or collection), none has a candidate, or a candidate is absent from the corpus
+            (:func:`first_stage_candidates`); the message names ``run_source``.
+        ValueError: k < 1, first_stage_name == reranker_name; bad scores from score_fn
+            (:func:`rerank_run`).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if first_stage_name == reranker_name:
+        raise ValueError(f"first_stage_name and reranker_name must differ, both are {first_stage_name!r}")
+    source = run_source or first_stage_name
+    first, skipped, warnings = first_stage_candidates(data, first_stage_run, k, source=source)
+
+    t0 = time.perf_counter()
+    reranked = rerank_run(first, data, score_fn, k=None, batch_size=batch_size, show_progress=show_progress)
+    seconds = time.perf_counter() - t0
+    pairs = sum(len(docs) for docs in first.values())
+
+    metrics = {
+        first_stage_name: evaluate_run(first, data.qrels, measures),
+        reranker_name: evaluate_run(reranked, data.qrels, measures),
+    }
+    report: dict[str, Any] = {
+        "metrics": metrics,
+        "collection": {
+            "source": data.source,
+            "queries": len(data.queries),
+            "documents": len(data.corpus),
+            "judgements": sum(len(d) for d in data.qrels.values()),
+        },
+        "first_stage": {"name": first_stage_name, "source": source, "k": k},
+        "reranker": {"name": reranker_name},
+        "pairs": pairs,
+        "seconds": {"rerank": round(seconds, 3)},
+        "pairs_per_second": round(pairs / seconds, 1) if seconds > 0 else None,
+        "skipped": skipped,
+        "warnings": warnings,
+        **(info or {}),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        files = {
+            "first_stage_run": str(out / "first_stage.trec"),
+            "reranker_run": str(out / "reranker.trec"),
+            "metrics": str(out / "metrics.json"),
+        }
+        report["files"] = files
+        write_trec_run(first, files["first_stage_run"], tag=_run_tag(first_stage_name))
+        write_trec_run(reranked, files["reranker_run"], tag=_run_tag(reranker_name))
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, files["metrics"])
+    return report
+
+
+def first_stage_candidates(
+    data: BeirData, first_stage_run: Mapping[str, Mapping[str, float]], k: int, *, source: str = "first stage"
+) -> tuple[Run, dict[str, int], list[str]]:
+    """The top ``k`` of the run for every judged query of ``data``, checked; cheap, so a
+    command can call it to fail on bad input before it loads a model.
+
+    Returns:
+        (run, skipped, warnings): query id -> {doc id: score} in the collection's query
+        order (an empty dict for a query without candidates), then ``data``'s counters and
+        warnings with ``run_query_not_evaluated`` and ``query_without_candidates`` added
+        (see :func:`evaluate_reranker`).
+
+    Raises:
+        BeirFormatError: naming ``source``: no query of the run is judged in ``data``; no
+            judged query has a candidate; a candidate absent from the corpus.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    skipped = dict(data.skipped)
+    warnings = list(data.warnings)
+
+    foreign = [q for q in first_stage_run if q not in data.queries]
+    if first_stage_run and len(foreign) == len(first_stage_run):
+        raise BeirFormatError(
+            f"{source}: none of the run's {len(foreign)} queries is a judged query of {data.source or 'the data'} "
+            f"(e.g. {', '.join(foreign[:3])}; collection queries e.g. {', '.join(list(data.queries)[:3])}); "
+            "wrong split or collection?"
+        )
+    if foreign:
+        skipped["run_query_not_evaluated"] = len(foreign)
+        warnings.append(
+            f"{source}: {len(foreign)} queries of the run are not judged queries of this split, ignored "
+            f"(e.g. {', '.join(foreign[:3])})"
+        )
+
+    first: Run = {}
+    empty: list[str] = []
+    for qid in data.queries:  # the collection's order: the written runs do not depend on the run file's
+        docs = first_stage_run.get(qid) or {}
+        if not docs:
+            empty.append(qid)
+        ranked = sorted(docs, key=lambda d: -float(docs[d]))[:k]  # stable: ties keep the run's order
+        first[qid] = {d: float(docs[d]) for d in ranked}
+    if empty:
+        skipped["query_without_candidates"] = len(empty)
+        warnings.append(
+            f"{source}: {len(empty)} of {len(data.queries)} judged queries have no first-stage candidates "
+            f"(they score 0 in both rows; e.g. {', '.join(empty[:3])})"
+        )
+    if len(empty) == len(data.queries):
+        raise BeirFormatError(f"{source}: no judged query has a first-stage candidate; nothing to rerank")
+    absent = [f"{q}/{d}" for q, docs in first.items() for d in docs if d not in data.corpus]
+    if absent:
+        raise BeirFormatError(
+            f"{source}: {len(absent)} candidates are absent from the corpus of {data.source or 'the data'} "
+            f"(e.g. {', '.join(absent[:3])}); is the run from another collection?"
+        )
+    return first, skipped, warnings
+
+
+def _run_tag(name: str) -> str:
+    # The tag is one whitespace-free field of a TREC line.
+    return "_".join(name.split()) or "run"

@@ -32,6 +32,8 @@ class Prepared:
     bm25_run: dict | None = None
     bm25_metrics: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
+    stage1_prompts: list = field(default_factory=list)  # grpo_stage.Stage1Prompt, training
+    stage1_eval_prompts: list = field(default_factory=list)  # held-out, for accuracy before/after
 
 
 def _demo_paths(cfg: Recipe, out: Path, d) -> dict:
@@ -39,11 +41,16 @@ def _demo_paths(cfg: Recipe, out: Path, d) -> dict:
     from .demo import make_demo
 
     target = out / "demo"
-    if d.main and not (target / "train.jsonl").exists():
+    if d.main and not (target / "stage1_train.jsonl").exists():
         make_demo(target, num_queries=cfg.data.demo_queries, docs_per_topic=cfg.data.demo_docs_per_topic,
                   seed=cfg.data.demo_seed)  # fmt: skip
     d.barrier()
-    return {"train": str(target / "train.jsonl"), "eval": str(target / "eval")}
+    return {
+        "train": str(target / "train.jsonl"),
+        "eval": str(target / "eval"),
+        "stage1_train": str(target / "stage1_train.jsonl"),
+        "stage1_eval": str(target / "stage1_eval.jsonl"),
+    }
 
 
 def _tokenizer(cfg: Recipe, out: Path, train_spec: str, d):
@@ -67,7 +74,10 @@ def _tokenizer(cfg: Recipe, out: Path, train_spec: str, d):
 
 def prepare(cfg: Recipe, out: Path, d) -> Prepared:
     paths = {"train": cfg.data.train, "eval": cfg.data.eval}
-    if "demo" in (cfg.data.train, cfg.data.eval):
+    if cfg.stage1.enabled:
+        paths["stage1_train"] = cfg.stage1.train or cfg.data.train
+        paths["stage1_eval"] = cfg.stage1.eval
+    if "demo" in paths.values():
         demo = _demo_paths(cfg, out, d)
         paths = {k: (demo[k] if v == "demo" else v) for k, v in paths.items()}
     tokenizer = _tokenizer(cfg, out, paths["train"], d)
@@ -83,16 +93,54 @@ def prepare(cfg: Recipe, out: Path, d) -> Prepared:
     if cfg.stage2.loss in ("bce", "mse"):
         _labels_to_unit_interval(examples, paths["train"])
     groups = data_mod.tokenize_examples(examples, tokenizer, template, cfg.data.max_length, cfg.data.min_query_tokens)
-    # Seed right before the weights are drawn: every rank (FSDP shards each rank's own init)
-    # and every run, fresh or resumed, builds the same model whatever preparation consumed.
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model, tokenizer, d.device)  # on its device: Liger kernels apply on CUDA only
+    stage1_prompts, stage1_eval = [], []
+    if cfg.stage1.enabled:  # read and checked before any model is built: bad input fails first
+        stage1_prompts = _stage1_prompts(cfg, paths["stage1_train"], tokenizer, template)
+        if paths.get("stage1_eval"):
+            stage1_eval = _stage1_prompts(cfg, paths["stage1_eval"], tokenizer, template)
+            stage1_eval = stage1_eval[: cfg.stage1.max_eval_pairs]
+    model = _seeded_model(cfg, tokenizer, d)
     prep = Prepared(tokenizer, template, output_ids, model, groups, stats, paths=paths)
+    prep.stage1_prompts, prep.stage1_eval_prompts = stage1_prompts, stage1_eval
     if paths["eval"]:
         prep.eval_data = eval_mod.load_beir(paths["eval"])
         prep.bm25_run = eval_mod.bm25_first_stage(prep.eval_data, k=cfg.data.eval_first_stage_k)
         prep.bm25_metrics = eval_mod.evaluate_run(prep.bm25_run, prep.eval_data.qrels)
     return prep
+
+
+def _seeded_model(cfg: Recipe, tokenizer, d) -> torch.nn.Module:
+    # Seed right before the weights are drawn: every rank (FSDP shards each rank's own init)
+    # and every run, fresh or resumed, builds the same model whatever preparation consumed.
+    torch.manual_seed(cfg.train.seed)
+    return load_model(cfg.model, tokenizer, d.device)  # on its device: Liger kernels apply on CUDA only
+
+
+def initial_model(cfg: Recipe, prep: Prepared, d) -> torch.nn.Module:
+    """A fresh copy of the starting weights (what prepare() built before any training)."""
+    return _seeded_model(cfg, prep.tokenizer, d)
+
+
+def _stage1_prompts(cfg: Recipe, spec: str, tokenizer, template) -> list:
+    from .grpo_stage import stage1_prompts
+
+    examples, _ = data_mod.read_examples(
+        spec, format=cfg.data.format, skip_bad_records=cfg.data.skip_bad_records, instruction=cfg.data.instruction,
+        seed=cfg.train.seed,
+    )  # fmt: skip
+    return stage1_prompts(
+        examples, tokenizer, template, max_length=cfg.data.max_length, min_query_tokens=cfg.data.min_query_tokens,
+        instruction=cfg.data.instruction,
+    )  # fmt: skip
+
+
+def load_exported(cfg: Recipe, folder: Path, d) -> torch.nn.Module:
+    """A model saved by export() (stage 1's final/), loaded as the recipe's model is: the same
+    attention implementation, dtype, checkpointing and device."""
+    import dataclasses
+
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(folder))
+    return load_model(model_cfg, load_tokenizer(str(folder)), d.device)
 
 
 def _labels_to_unit_interval(examples, source: str) -> None:
@@ -158,19 +206,24 @@ def evaluate_model(model, prep: Prepared, cfg: Recipe, d) -> dict:
     }
 
 
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}" if value and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:.4f}"
+    return str(value)
+
+
 class _Progress:
-    def __init__(self, d, start: int, total: int):
+    def __init__(self, d, start: int, total: int, desc: str, keys: tuple[str, ...]):
         self.bar = None
+        self.keys = keys
         if d.main:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="stage 2", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def update(self, record: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
+            self.bar.set_postfix({k: _short(record[k]) for k in self.keys if k in record})
             self.bar.update(1)
 
     def close(self) -> None:
@@ -178,12 +231,26 @@ class _Progress:
             self.bar.close()
 
 
-def progress_bar(d, start: int, total: int) -> _Progress:
-    return _Progress(d, start, total)
+def progress_bar(d, start: int, total: int, desc: str = "stage 2", keys=("loss", "lr", "tokens_per_s")) -> _Progress:
+    return _Progress(d, start, total, desc, keys)
+
+
+# panels of curves.png, drawn for the keys a run's metrics.jsonl has (stage 1 logs the GRPO ones)
+PLOT_PANELS = (
+    ("loss", ("loss",)),
+    ("learning rate", ("lr",)),
+    ("reward", ("reward", "reward_format", "reward_correctness")),
+    ("valid format rate", ("valid_format_rate",)),
+    ("kl / entropy", ("kl", "entropy")),
+    ("clip ratio", ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region")),
+    ("completion length", ("completion_length",)),
+    ("zero-variance groups", ("zero_variance_groups",)),
+)
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:
-    """Loss and learning-rate curves from metrics.jsonl."""
+    """Curves from metrics.jsonl: loss and schedule, and for stage 1 rewards, format rate,
+    KL, entropy, clip ratios, completion length and zero-variance groups."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,11 +262,19 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     if not rows:
         return
     steps = [r["step"] for r in rows]
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax_loss.plot(steps, [r["loss"] for r in rows])
-    ax_loss.set(xlabel="step", ylabel="stage-2 loss", title="loss")
-    ax_lr.plot(steps, [r["lr"] for r in rows])
-    ax_lr.set(xlabel="step", ylabel="learning rate", title="schedule")
+    panels = [(title, [k for k in keys if k in rows[0]]) for title, keys in PLOT_PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    cols = min(4, len(panels))
+    n_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
+        for key in keys:
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key)
+        ax.set(xlabel="step", title=title)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -222,17 +297,13 @@ def export(model, prep: Prepared, cfg: Recipe, target: Path, d) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     prep.model.save_pretrained(tmp, state_dict=lm_state, safe_serialization=True)
     prep.tokenizer.save_pretrained(tmp)
-    config_path = tmp / "config.json"
-    config = json.loads(config_path.read_text())
-    config["prorank"] = {
-        "template": cfg.data.template,
-        "output_token_ids": list(prep.output_ids),
-        "output_tokens": [prep.tokenizer.convert_ids_to_tokens(i) for i in prep.output_ids],
-        "token_weights": list(cfg.stage2.token_weights),
-        "instruction": cfg.data.instruction,
-        "max_length": cfg.data.max_length,
-    }
-    config_path.write_text(json.dumps(config, indent=2))
+    # config.json["prorank"], chat template, sentence-transformers files (prorank_fast/export.py)
+    from .export import write_ecosystem_files
+
+    write_ecosystem_files(
+        tmp, prep.tokenizer, cfg.data.template, prep.output_ids, cfg.stage2.token_weights, cfg.data.instruction,
+        cfg.data.max_length, cfg.data.min_query_tokens,
+    )  # fmt: skip
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 

@@ -196,6 +196,7 @@ class Checkpointer:
             dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra = torch.load(path / f"extra_rank{self.d.rank}.pt", weights_only=False)
+        self.loaded_step = int(extra["step"])
         scheduler.load_state_dict(extra["scheduler"])
         set_rng_state(extra["rng"])
         return extra
@@ -244,8 +245,91 @@ class StepPlan:
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class LoopSettings:
+    """What differs between the stages' runs of the one loop."""
+
+    name: str  # progress-bar label: "stage 1" | "stage 2"
+    out: Path  # checkpoints/ and metrics.jsonl go here
+    max_steps: int
+    lr: float
+    warmup_ratio: float
+    checkpoint_every: int
+    postfix: tuple[str, ...] = ("loss", "lr", "tokens_per_s")  # record keys shown in the progress bar
+
+
+def run_loop(model, step_fn, settings: LoopSettings, tcfg, d: Dist, init_state) -> dict:
+    """The one training loop: AdamW, warmup + cosine, clipping, resumable checkpoints,
+    metrics.jsonl, progress.
+
+    step_fn(step, state) runs forward and backward of this rank's share of optimizer step
+    `step` and returns its record (global figures: loss, tokens, ...); `state` is a dict saved
+    with every checkpoint (evaluations before training, rollouts kept across iterations).
+    init_state() makes the first one when no checkpoint exists. Returns {"state", "last",
+    "start_step", "loop_time", "tokens"}.
+    """
+    from . import pipeline
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, eps=1e-8
+    )
+    warmup = int(settings.warmup_ratio * settings.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, settings.max_steps, warmup))
+    ckpt = Checkpointer(settings.out, d, tcfg.keep_checkpoints)
+    metrics_path = settings.out / "metrics.jsonl"
+
+    start_step, state = 0, None
+    latest = ckpt.latest()
+    if latest is not None:
+        state = ckpt.load(latest, model, optimizer, scheduler)["state"]
+        start_step = ckpt.loaded_step
+        if d.main:
+            print(f"resuming {settings.name} from {latest} (step {start_step})", flush=True)
+            _truncate_metrics(metrics_path, start_step)
+    elif d.main and metrics_path.exists():
+        metrics_path.unlink()
+    if state is None:
+        state = init_state()
+
+    progress = pipeline.progress_bar(d, start_step, settings.max_steps, settings.name, settings.postfix)
+    last, tokens_seen, t_loop, t_start = {}, 0, time.time(), time.time()
+    model.train()
+    for step in range(start_step, settings.max_steps):
+        t_step = time.time()
+        record = step_fn(step, state)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        done = step + 1
+        tokens_seen += int(record.get("tokens", 0))
+        last = {
+            "step": done,
+            **record,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": record.get("tokens", 0) / max(time.time() - t_step, 1e-9),
+            "time": time.time() - t_start,
+        }
+        if d.main and (done % tcfg.log_every == 0 or done == settings.max_steps):
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+        progress.update(last)
+        if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.max_steps:
+            ckpt.save(done, model, optimizer, scheduler, {"state": state})
+    progress.close()
+    loop_time = time.time() - t_loop
+    ckpt.save(settings.max_steps, model, optimizer, scheduler, {"state": state})
+    if d.main:
+        pipeline.plot_metrics(metrics_path, settings.out / "curves.png")
+    return {"state": state, "last": last, "start_step": start_step, "loop_time": loop_time, "tokens": tokens_seen}
+
+
 def train(recipe: Recipe, *, dry_run: bool = False) -> dict:
-    """Run stage 2 as the recipe says; returns the summary (also in OUTPUT_DIR/summary.json)."""
+    """Run the recipe: stage 1 (when stage1.enabled) then stage 2 from its weights; returns
+    the summary (also in OUTPUT_DIR/summary.json)."""
     from . import pipeline
 
     t_start = time.time()
@@ -259,43 +343,43 @@ def train(recipe: Recipe, *, dry_run: bool = False) -> dict:
     d.barrier()
 
     set_seed(tcfg.seed)
-    prep = pipeline.prepare(cfg, out, d)  # tokenizer, template, model, groups, eval data
+    prep = pipeline.prepare(cfg, out, d)  # tokenizer, template, model, groups, eval data, stage-1 prompts
     if dry_run:
         return pipeline.dry_run_report(cfg, prep)
 
+    summary = {"recipe": cfg.source}
+    if cfg.stage1.enabled:
+        from .grpo_stage import run_stage1
+
+        stage1 = run_stage1(cfg, prep, d, out / "stage1")
+        summary["stage1"] = stage1
+        if cfg.stage1.compare_stage2_alone:
+            # the same stage 2 from the same start, without stage 1 (reported next to the chained run)
+            alone = run_stage2(cfg, prep, pipeline.initial_model(cfg, prep, d), d, out / "stage2_alone")
+            summary["ndcg@10_stage2_alone"] = alone.get("ndcg@10_after")
+        prep.model = pipeline.load_exported(cfg, Path(stage1["final_model"]), d)
+    summary.update(run_stage2(cfg, prep, prep.model, d, out))
+    summary["wall_time_s"] = time.time() - t_start
+    if d.main:
+        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    d.barrier()
+    return summary
+
+
+def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
+    """Stage 2 on `lm` (trained in place); checkpoints, metrics and final/ under `out`."""
+    from . import pipeline
+
+    tcfg = cfg.train
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
     wrapper = RerankerForTraining(
-        prep.model, prep.output_ids, cfg.stage2.token_weights, cfg.stage2.loss, cfg.stage2.temperature
+        lm, prep.output_ids, cfg.stage2.token_weights, cfg.stage2.loss, cfg.stage2.temperature
     )
     model = shard(wrapper, d, compile_layers=cfg.model.compile)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, eps=1e-8
-    )
-    warmup = int(tcfg.warmup_ratio * tcfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, tcfg.max_steps, warmup))
-    per_step = d.world * tcfg.grad_accum
-    steps = StepPlan(prep.groups, tcfg.max_tokens, tcfg.seed, per_step)
-    ckpt = Checkpointer(out, d, tcfg.keep_checkpoints)
-    metrics_path = out / "metrics.jsonl"
+    steps = StepPlan(prep.groups, tcfg.max_tokens, tcfg.seed, d.world * tcfg.grad_accum)
 
-    start_step, state = 0, {}
-    latest = ckpt.latest()
-    if latest is not None:
-        state = ckpt.load(latest, model, optimizer, scheduler)
-        start_step = state["step"]
-        if d.main:
-            print(f"resuming from {latest} (step {start_step})", flush=True)
-            _truncate_metrics(metrics_path, start_step)
-    elif d.main and metrics_path.exists():
-        metrics_path.unlink()
-
-    if "eval_before" not in state:
-        state["eval_before"] = pipeline.evaluate_model(model, prep, cfg, d)
-
-    progress = pipeline.progress_bar(d, start_step, tcfg.max_steps)
-    last_loss, tokens_seen, t_loop = float("nan"), 0, time.time()
-    model.train()
-    for step in range(start_step, tcfg.max_steps):
-        t_step = time.time()
+    def step_fn(step: int, state: dict) -> dict:
         mine = steps.step_batches(step)[d.rank :: d.world]
         batches = [collate([prep.groups[i] for i in ids]).to(d.device) for ids in mine]
         local = [loss_units(b, cfg.stage2.loss) for b in batches]
@@ -308,58 +392,30 @@ def train(recipe: Recipe, *, dry_run: bool = False) -> dict:
             # FSDP averages gradients over ranks: scale so the step's gradient is the mean over all units
             (loss * (d.world / units_total)).backward()
             loss_sum += float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
         (global_loss,) = d.all_sum([loss_sum])
-        last_loss = global_loss / units_total
-        tokens_seen += int(tokens_total)
-        done = step + 1
-        record = {
-            "step": done,
-            "loss": last_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": int(tokens_total),
-            "tokens_per_s": tokens_total / max(time.time() - t_step, 1e-9),
-            "time": time.time() - t_start,
-        }
-        if d.main and (done % tcfg.log_every == 0 or done == tcfg.max_steps):
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        progress.update(record)
-        if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < tcfg.max_steps:
-            ckpt.save(done, model, optimizer, scheduler, {"eval_before": state["eval_before"]})
-    progress.close()
-    loop_time = time.time() - t_loop
+        return {"loss": global_loss / units_total, "tokens": int(tokens_total)}
 
-    ckpt.save(tcfg.max_steps, model, optimizer, scheduler, {"eval_before": state["eval_before"]})
+    settings = LoopSettings("stage 2", out, tcfg.max_steps, tcfg.lr, tcfg.warmup_ratio, tcfg.checkpoint_every)
+    result = run_loop(
+        model, step_fn, settings, tcfg, d, lambda: {"eval_before": pipeline.evaluate_model(model, prep, cfg, d)}
+    )
+    eval_before = result["state"]["eval_before"]
     eval_after = pipeline.evaluate_model(model, prep, cfg, d)
     pipeline.export(model, prep, cfg, out / "final", d)
-    summary = {
-        "recipe": cfg.source,
+    return {
         "stage2_loss": cfg.stage2.loss,
-        "stage2_final_loss": last_loss,
+        "stage2_final_loss": result["last"].get("loss", float("nan")),
         "steps": tcfg.max_steps,
-        "resumed_from_step": start_step,
+        "resumed_from_step": result["start_step"],
         "world_size": d.world,
-        "ndcg@10_before": state["eval_before"].get("ndcg@10"),
+        "ndcg@10_before": eval_before.get("ndcg@10"),
         "ndcg@10_after": eval_after.get("ndcg@10"),
         "bm25_ndcg@10": eval_after.get("bm25_ndcg@10"),
         "eval_queries": eval_after.get("queries"),
         "packing_waste": steps.stats.waste,
-        "train_tokens_per_s": tokens_seen / max(loop_time, 1e-9),
-        "wall_time_s": time.time() - t_start,
+        "train_tokens_per_s": result["tokens"] / max(result["loop_time"], 1e-9),
         "final_model": str(out / "final"),
     }
-    if d.main:
-        _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-        pipeline.plot_metrics(metrics_path, out / "curves.png")
-    d.barrier()
-    return summary
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,358 @@
+"""Inference: score (query, document) pairs and rank documents with a trained reranker.
+
+    from prorank_fast import Reranker
+
+    reranker = Reranker.from_pretrained("runs/tiny/final")          # a folder pipeline.export wrote
+    reranker.predict([("what is bm25", "BM25 is a ranking function ..."), ...])   # [float], z["1"] - z["0"]
+    reranker.rank("what is bm25", documents, top_k=10)               # [{"corpus_id", "score", "text"}]
+
+How a call runs: prompts are built at token-id level with the export's template
+(:meth:`PromptTemplate.build_group`, documents encoded in one batched tokenizer call, only the
+document truncated), sorted by length, and cut into packed batches of at most ``max_tokens``
+tokens (no padding: ``position_ids`` restart per sequence, ``cu_seqlens``). The backbone runs
+once per packed batch with varlen attention ("prorank_varlen": flash-attn or torch varlen on
+CUDA, SDPA per document on CPU), exactly as :class:`~prorank_fast.score_stage.RerankerForTraining`
+runs it in training; only each sequence's last position reaches the head, and only the K
+output-set rows of the LM head are read (:func:`prorank_fast.kernels.restricted_vocab_score`).
+bf16 on CUDA, fp32 on CPU by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as data_mod
+from .packing import pack_sequences
+
+__all__ = ["DEFAULT_MAX_TOKENS", "PROGRESS_MIN_PAIRS", "Reranker"]
+
+DEFAULT_MAX_TOKENS = 16384  # tokens per packed batch
+PROGRESS_MIN_PAIRS = 1024  # show_progress_bar=None shows a bar from this many pairs on
+_DEFAULT_MIN_QUERY_TOKENS = 64  # data.min_query_tokens' default
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_pairs(pairs: Sequence) -> list[tuple[str, str]]:
+    if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
+        raise TypeError("predict() takes a list of (query, document) pairs; wrap a single pair in a list")
+    out = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise TypeError(f"pairs[{i}]: expected a (query, document) pair, got {type(pair).__name__}")
+        query, document = pair
+        for name, value in (("query", query), ("document", document)):
+            if not isinstance(value, str):
+                raise TypeError(f"pairs[{i}]: the {name} must be a string, got {type(value).__name__}")
+        out.append((query, document))
+    return out
+
+
+class Reranker:
+    """A *ForCausalLM reranker: ``score = sum_k w_k * z[token_k]`` at the prompt's last position.
+
+    Build it with :meth:`from_pretrained` (an exported folder) or directly on an in-memory
+    model and tokenizer (e.g. during training)::
+
+        Reranker(model, tokenizer, template="prorank", output_ids=(16, 15), token_weights=(1.0, -1.0))
+
+    Args:
+        model: a transformers *ForCausalLM (decoder at ``model.model``, LM head without bias).
+            Its attention implementation is switched to "prorank_varlen" (packed batches need it);
+            it is put in eval mode during a call and back in its own mode after.
+        tokenizer: a fast tokenizer.
+        template: a template name ("prorank", "qwen3") or a PromptTemplate.
+        output_ids: the output-set token ids; None = the template's tokens under this tokenizer.
+        token_weights: one weight per output id (default z[pos] - z[neg]).
+        instruction: the default instruction (None: the template's own default, if any).
+        max_length: tokens per prompt, template included (only the document is cut).
+        min_query_tokens: the query is never cut below this many tokens.
+        max_tokens: tokens per packed batch (raised to max_length if smaller).
+        device: where the model runs (default: the model's device).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        template: str | data_mod.PromptTemplate = "prorank",
+        output_ids: Sequence[int] | None = None,
+        token_weights: Sequence[float] = (1.0, -1.0),
+        instruction: str | None = None,
+        max_length: int = 512,
+        min_query_tokens: int = _DEFAULT_MIN_QUERY_TOKENS,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        device: str | torch.device | None = None,
+    ):
+        from .attention import ATTN_IMPLEMENTATION
+        from .score_stage import RerankerForTraining
+
+        self.template = data_mod.get_template(template)
+        self.tokenizer = tokenizer
+        self.output_ids = tuple(int(i) for i in (output_ids or self.template.output_token_ids(tokenizer)))
+        self.token_weights = tuple(float(w) for w in token_weights)
+        if len(self.token_weights) != len(self.output_ids):
+            raise ValueError(f"{len(self.token_weights)} token_weights for {len(self.output_ids)} output_ids")
+        if max_length < 1 or min_query_tokens < 1 or max_tokens < 1:
+            raise ValueError(f"max_length, min_query_tokens and max_tokens must be >= 1 (got {max_length}, "
+                             f"{min_query_tokens}, {max_tokens})")  # fmt: skip
+        self.instruction = instruction
+        self.max_length = int(max_length)
+        self.min_query_tokens = min(int(min_query_tokens), self.max_length - 1) or 1
+        self.max_tokens = max(int(max_tokens), self.max_length)  # a prompt always fits a batch
+        if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device)
+        # The training forward (score_stage): decoder over the packed row, last positions, K head rows.
+        self._scorer = RerankerForTraining(self.model, self.output_ids, self.token_weights, loss="bce")
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_length: int | None = None,
+        instruction: str | None = None,
+        template: str | None = None,
+        varlen_backend: str | None = None,
+    ) -> Reranker:
+        """Load a folder written by ``pipeline.export`` (``final/``): safetensors, tokenizer and
+        ``config.json["prorank"]`` (template, output_token_ids, token_weights, instruction, max_length).
+
+        device: default cuda if available, else cpu. dtype: default bfloat16 on CUDA, float32 on CPU.
+        max_length / instruction / template override the export's. A folder without a "prorank"
+        entry (e.g. mxbai-rerank-v2 itself) loads when ``template`` is given.
+        varlen_backend: force "flash_attn" | "torch_varlen" | "sdpa" (process-wide; default: auto).
+        """
+        from transformers import AutoModelForCausalLM
+
+        from .attention import ATTN_IMPLEMENTATION, set_varlen_backend
+        from .model import load_tokenizer, resolve_dtype
+
+        path = Path(path)
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (expected a folder written by prorank-fast export)")
+        entry = json.loads(config_path.read_text()).get("prorank")
+        if entry is None and template is None:
+            raise ValueError(
+                f"{config_path}: no 'prorank' entry (template and output-set ids); not a prorank-fast export. "
+                "Pass template='prorank' (or 'qwen3') to load it anyway."
+            )
+        entry = dict(entry or {})
+        device = torch.device(device) if device is not None else _default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = resolve_dtype(dtype)
+        if varlen_backend is not None:
+            set_varlen_backend(varlen_backend)
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        use_template = template or entry.get("template", "prorank")
+        same_template = template is None or template == entry.get("template")
+        return cls(
+            model,
+            tokenizer,
+            template=use_template,
+            output_ids=entry.get("output_token_ids") if same_template else None,
+            token_weights=entry.get("token_weights", (1.0, -1.0)) if same_template else (1.0, -1.0),
+            instruction=instruction if instruction is not None else entry.get("instruction"),
+            max_length=max_length or entry.get("max_length", 512),
+            min_query_tokens=entry.get("min_query_tokens", _DEFAULT_MIN_QUERY_TOKENS),
+            max_tokens=max_tokens,
+            device=device,
+        )
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def tokenize(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
+        """Prompt token ids of each pair ([len(pairs)] lists, each at most max_length), in order.
+        Pairs that share a query are built together (the query encoded once)."""
+        pairs = _check_pairs(pairs)
+        by_query: dict[str, list[int]] = {}
+        for i, (query, _) in enumerate(pairs):
+            by_query.setdefault(query, []).append(i)
+        instruction = instruction if instruction is not None else self.instruction
+        examples = [
+            data_mod.Example(query, [pairs[i][1] for i in idx], [0.0] * len(idx), None, instruction, f"query {n}")
+            for n, (query, idx) in enumerate(by_query.items())
+        ]
+        groups = data_mod.tokenize_examples(
+            examples, self.tokenizer, self.template, self.max_length, self.min_query_tokens
+        )
+        ids: list[list[int]] = [[] for _ in pairs]
+        for (_, idx), group in zip(by_query.items(), groups, strict=True):
+            for i, seq in zip(idx, group.input_ids, strict=True):
+                ids[i] = seq
+        return ids
+
+    def _batches(self, lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+        """Indices per packed batch: longest first (an out-of-memory shows on the first batch), each
+        batch filled up to max_tokens with the next lengths in order, so similar lengths go together."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches, batch, used = [], [], 0
+        for i in order:
+            if batch and used + lengths[i] > max_tokens:
+                batches.append(batch)
+                batch, used = [], 0
+            batch.append(i)
+            used += lengths[i]
+        if batch:
+            batches.append(batch)
+        return batches
+
+    # no_grad, not inference_mode: attention.py's per-document SDPA caches by tensor._version,
+    # which inference tensors do not have.
+    @torch.no_grad()
+    def score_token_ids(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        max_tokens: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> list[float]:
+        """Scores [len(sequences)] (fp32 values as Python floats) of prompts given as token ids."""
+        if len(sequences) == 0:
+            return []
+        budget = max(int(max_tokens or self.max_tokens), max(len(s) for s in sequences))
+        batches = self._batches([len(s) for s in sequences], budget)
+        show = len(sequences) >= PROGRESS_MIN_PAIRS if show_progress_bar is None else show_progress_bar
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(sequences), desc="rerank", unit="pair", dynamic_ncols=True)
+        scores = [0.0] * len(sequences)
+        was_training = self.model.training
+        self.model.eval()  # restored below: the model may be one that is being trained
+        try:
+            for batch in batches:
+                packed = pack_sequences([sequences[i] for i in batch], [0.0] * len(batch)).to(self.device)
+                out = self._scorer(
+                    input_ids=packed.input_ids,
+                    position_ids=packed.position_ids,
+                    cu_seqlens=packed.cu_seqlens,
+                    max_seqlen=packed.max_seqlen,
+                    last_index=packed.last_index,
+                )
+                for i, s in zip(batch, out.float().cpu().tolist(), strict=True):
+                    scores[i] = s
+                if bar is not None:
+                    bar.update(len(batch))
+        finally:
+            self.model.train(was_training)
+            if bar is not None:
+                bar.close()
+        return scores
+
+    def predict(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        instruction: str | None = None,
+        normalize: bool = False,
+        max_tokens: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> list[float]:
+        """Scores of (query, document) pairs, in input order: ``sum_k w_k z[token_k]`` (by default
+        the logit difference z[pos] - z[neg]); ``normalize=True`` applies a sigmoid (vLLM's
+        from_2_way_softmax). ``show_progress_bar=None`` shows a tqdm bar from 1024 pairs on.
+        ``instruction`` overrides the reranker's for this call."""
+        scores = self.score_token_ids(
+            self.tokenize(pairs, instruction), max_tokens=max_tokens, show_progress_bar=show_progress_bar
+        )
+        return [1.0 / (1.0 + math.exp(-s)) for s in scores] if normalize else scores
+
+    def rank(
+        self,
+        query: str,
+        documents: Iterable[str],
+        top_k: int | None = None,
+        *,
+        instruction: str | None = None,
+        normalize: bool = False,
+        return_documents: bool = True,
+        max_tokens: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> list[dict]:
+        """Documents sorted by score, best first (sentence-transformers' CrossEncoder.rank shape):
+        ``[{"corpus_id": index in documents, "score": float, "text": document}]``, ties in input
+        order, at most ``top_k`` entries (None: all); ``"text"`` only with ``return_documents``."""
+        if isinstance(query, list | tuple):
+            raise TypeError("rank() takes one query (a string) and a list of documents")
+        documents = list(documents)
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        scores = self.predict(
+            [(query, d) for d in documents], instruction=instruction, normalize=normalize, max_tokens=max_tokens,
+            show_progress_bar=show_progress_bar,
+        )  # fmt: skip
+        order = sorted(range(len(documents)), key=lambda i: -scores[i])  # stable: ties keep input order
+        results = []
+        for i in order[:top_k] if top_k is not None else order:
+            item = {"corpus_id": i, "score": scores[i]}
+            if return_documents:
+                item["text"] = documents[i]
+            results.append(item)
+        return results
+
+    def __repr__(self) -> str:
+        name = type(self.model).__name__
+        return (
+            f"Reranker({name}, template={self.template.name!r}, output_ids={self.output_ids}, "
+            f"token_weights={self.token_weights}, max_length={self.max_length}, device={self.device})"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# JSONL in, JSONL out (`prorank-fast rank`)
+
+DOCUMENT_FIELDS = ("document", "doc", "text")  # the first present is the document
+
+
+def read_pairs_jsonl(path: str | Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Records of a JSONL file (``.jsonl`` or ``.jsonl.gz``) and their (query, document) pairs.
+
+    Each non-blank line is a JSON object with a string ``query`` and a string ``document``
+    (or ``doc`` / ``text``); other fields are kept in the records as they are.
+
+    Raises:
+        data.DataError: naming the file, the line (1-based) and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise data_mod.DataError(f"{path}: no such file", reason="io")
+    records, pairs = [], []
+    for loc, rec in data_mod._jsonl_records(path, data_mod.ReadStats(str(path))):
+        if isinstance(rec, data_mod.DataError):
+            raise rec
+        query = data_mod._text(rec, "query", loc)
+        key = next((k for k in DOCUMENT_FIELDS if k in rec), None)
+        if key is None:
+            raise loc.error("document", f"missing (also accepted: {', '.join(DOCUMENT_FIELDS[1:])})", "missing_field")
+        records.append(rec)
+        pairs.append((query, data_mod._text(rec, key, loc)))
+    return records, pairs
+
+
+def write_scores_jsonl(records: Sequence[dict], scores: Sequence[float], out) -> None:
+    """One line per record, its fields then ``"score"`` (replacing any it had), to a text stream."""
+    for rec, score in zip(records, scores, strict=True):
+        row = {k: v for k, v in rec.items() if k != "score"}
+        row["score"] = score
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
