@@ -19,7 +19,12 @@ e. stage2    a whole stage-2 training step (forward + backward + AdamW) at the Q
              configuration (random init, bf16 parameters) on ~300-token random prompts in groups of 8,
              a ~16k-token micro-batch: ours (packed, prorank_varlen attention, restricted_vocab_score_loss)
              vs padded transformers (sdpa, full-vocabulary logits); tokens/s and MFU.
-f. report    markdown with card, versions, date and all rows, written to
+f. rerank    reranking throughput at the Qwen2.5-0.5B configuration (benchmarks/gpu_rerank.py): 100 documents of
+             ~300 tokens per query, ours (Reranker, packed varlen) vs padded transformers forwards; s/query.
+g. stage1    the stage-1 GRPO step (sampling + policy forward/backward + AdamW) at the Qwen2.5-0.5B configuration
+             (benchmarks/gpu_stage1.py): 8 prompts x 256 tokens, G=8, 4 tokens; ours (shared prefix) vs G full
+             sequences (generate + full-vocabulary logits); step ms and tokens/s.
+h. report    markdown with card, versions, date and all rows, written to
              benchmarks/results/gpu_suite_<card>_<date>.md (and $OUT when set) and printed last.
 
 Nothing is asserted about speed; the process exits 0 unless the suite itself crashes
@@ -44,9 +49,9 @@ from pathlib import Path
 import torch
 
 from . import _common as C
-from . import _memory
+from . import _memory, gpu_rerank, gpu_stage1
 
-SECTIONS = ("peak", "check", "bench", "score", "stage2")
+SECTIONS = ("peak", "check", "bench", "score", "stage2", "rerank", "stage1")
 VARIANTS = ("ours", "ours_torch", "eager", "compile", "liger_chunked", "liger_triton")
 VARIANT_LABELS = {
     "ours": "ours",
@@ -149,6 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--s2-max-tokens", type=int, default=16384, help="micro-batch budget: whole groups up to it")
     g.add_argument("--s2-variants", default=",".join(STAGE2_VARIANTS))
     g.add_argument("--s2-lr", type=float, default=1e-5)
+    gpu_rerank.add_args(p)
     args = p.parse_args(argv)
     if args.smoke:
         smoke = dict(
@@ -178,6 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             s2_seq_jitter=8,
             s2_max_tokens=640,
         )
+        smoke.update(gpu_rerank.SMOKE)
         for k, v in smoke.items():
             if k == "device" or getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
@@ -284,6 +291,8 @@ class Suite:
     bench: list = field(default_factory=list)
     score: dict = field(default_factory=dict)
     stage2: dict = field(default_factory=dict)
+    rerank: dict = field(default_factory=dict)
+    stage1: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
     @property
@@ -998,6 +1007,10 @@ def render(suite: Suite) -> str:
         md.append(C.markdown_table(["row", "ms median [p20, p80]", "peak extra", "of backbone step"], rows))
     if "stage2" in a.sections:
         md += render_stage2(suite)
+    if "rerank" in a.sections:
+        md += gpu_rerank.render(suite)
+    if "stage1" in a.sections:
+        md += gpu_stage1.render(suite)
     md += ["", "## Targets", ""]
     md.append(C.markdown_table(["target", "measured", "result"], targets(suite)))
     if suite.notes:
@@ -1137,6 +1150,10 @@ def targets(suite: Suite) -> list[list[str]]:
                 "n/a" if mfu is None else ("met" if mfu >= TARGETS["stage2_mfu"] else "MISSED"),
             ]
         )
+    if "rerank" in suite.args.sections:
+        rows += gpu_rerank.targets(suite)
+    if "stage1" in suite.args.sections:
+        rows += gpu_stage1.targets(suite)
     if "check" in suite.args.sections:
         n_fail = sum(r["status"] == "FAIL" for r in suite.checks)
         rows.append(["correctness checks", f"{n_fail} FAIL of {len(suite.checks)}", "met" if not n_fail else "MISSED"])
@@ -1201,6 +1218,8 @@ def write_report(suite: Suite, text: str) -> list[Path]:
         "bench": suite.bench,
         "score": suite.score,
         "stage2": suite.stage2,
+        "rerank": suite.rerank,
+        "stage1": suite.stage1,
     }
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(payload, indent=1, default=str))
@@ -1233,6 +1252,8 @@ def main(argv=None) -> int:
         "bench": lambda: section_bench(suite, ops),
         "score": lambda: section_score(suite, ops),
         "stage2": lambda: section_stage2(suite),
+        "rerank": lambda: gpu_rerank.section_rerank(suite),
+        "stage1": lambda: gpu_stage1.section_stage1(suite),
     }
     for name in args.sections:
         suite.log(f"section {name}")

@@ -1,8 +1,10 @@
 """`prorank-fast` command line.
 
 Subcommands that exist today:
-  train [RECIPE] [key=value ...] [--dry-run]   stage-2 training; no RECIPE = the embedded default (tiny)
-  bench [cpu|stage2|gpu] [ARGS...]             the benchmarks (benchmarks/cpu_grpo.py, stage2.py, gpu_suite.py)
+  train [RECIPE] [key=value ...] [--dry-run]   stage 1 (GRPO) then stage 2, as the recipe says;
+                                               no RECIPE = the embedded default (tiny)
+  bench [cpu|stage2|rerank|gpu] [ARGS...]      the benchmarks (benchmarks/cpu_grpo.py, stage2.py, rerank.py,
+                                               gpu_suite.py)
   eval MODEL --data BEIR_DIR|hf:NAME [--run TREC | --first-stage bm25] [--k 100]
                                                rerank a first stage, write TREC runs + metrics.json
   rank MODEL --input PAIRS.jsonl [--output SCORES.jsonl] [--max-tokens N] [--device D]
@@ -19,7 +21,13 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCH_SUITES = {"cpu": "benchmarks.cpu_grpo", "stage2": "benchmarks.stage2", "gpu": "benchmarks.gpu_suite"}
+BENCH_SUITES = {
+    "cpu": "benchmarks.cpu_grpo",
+    "stage1": "benchmarks.stage1",
+    "stage2": "benchmarks.stage2",
+    "rerank": "benchmarks.rerank",
+    "gpu": "benchmarks.gpu_suite",
+}
 
 
 def _import_suite(name: str):
@@ -60,13 +68,22 @@ def _train(items: list[str], *, dry_run: bool) -> int:
         return 0
     from .data import DataError
     from .evaluate import BeirFormatError
+    from .grpo_stage import Stage1InputError
     from .trainer import train
 
     try:
         summary = train(recipe)
-    except (DataError, BeirFormatError, RecipeError) as exc:
+    except (DataError, BeirFormatError, RecipeError, Stage1InputError) as exc:
         # bad input: the message names the file, line and field; no traceback needed
         raise SystemExit(f"prorank-fast train: {exc}") from exc
+    s1 = summary.get("stage1")
+    if s1 and s1.get("valid_format_rate_after") is not None:
+        print(
+            f"stage 1 on {s1['eval_pairs']} held-out pairs: valid format {s1['valid_format_rate_before']:.3f} -> "
+            f"{s1['valid_format_rate_after']:.3f}, accuracy {s1['accuracy_before']:.3f} -> {s1['accuracy_after']:.3f}"
+        )
+    if summary.get("ndcg@10_stage2_alone") is not None:
+        print(f"nDCG@10 of stage 2 alone from the same start: {summary['ndcg@10_stage2_alone']:.4f}")
     if summary.get("ndcg@10_after") is not None:
         print(
             f"nDCG@10 on {summary['eval_queries']} held-out queries: before {summary['ndcg@10_before']:.4f}, "

@@ -618,6 +618,7 @@ def read_examples(
     instruction: str | None = None,
     seed: int = 0,
     split: str | None = None,
+    binary_labels: bool = False,
 ) -> tuple[list[Example], ReadStats]:
     """Read training examples.
 
@@ -638,6 +639,7 @@ def read_examples(
         seed: seeds negative sampling (per example, so a record's sample does not depend
             on which records precede it).
         split: the BEIR qrels split or the datasets split (overrides one given in ``spec``).
+        binary_labels: a label outside {0, 1} is a bad record (stage 1's pairs).
 
     Returns:
         (examples, stats). Pointwise records are grouped by (query, instruction) in order
@@ -712,6 +714,8 @@ def read_examples(
             schema = _detect_schema(rec, loc)
         if schema == "pointwise":
             query, document, label, instr = _parse_pointwise(rec, loc, instruction)
+            if binary_labels and label not in (0, 1):
+                raise loc.error("label", f"stage 1 needs binary labels 0/1, got {label!r}", "non_binary_label")
             entry = pointwise.get((query, instr))
             if entry is None:
                 pointwise[(query, instr)] = (Example(query, [document], [label], None, instr, loc.source), loc)
@@ -720,6 +724,10 @@ def read_examples(
                 entry[0].labels.append(label)
             return
         example = _parse_group(rec, loc, instruction) if schema == "groups" else _parse_columns(rec, loc, instruction)
+        if binary_labels and any(label not in (0, 1) for label in example.labels):
+            bad = next(label for label in example.labels if label not in (0, 1))
+            field_name = "pos_scores" if schema == "groups" else "labels"
+            raise loc.error(field_name, f"stage 1 needs binary labels 0/1, got {bad!r}", "non_binary_label")
         if group_size:
             fields = ("pos", "neg") if schema == "groups" else ("labels", "labels")
             rng = random.Random(f"{seed}:{loc.seed_key}")

@@ -126,7 +126,7 @@ def _stage1_prompts(cfg: Recipe, spec: str, tokenizer, template) -> list:
 
     examples, _ = data_mod.read_examples(
         spec, format=cfg.data.format, skip_bad_records=cfg.data.skip_bad_records, instruction=cfg.data.instruction,
-        seed=cfg.train.seed,
+        seed=cfg.train.seed, binary_labels=True,
     )  # fmt: skip
     return stage1_prompts(
         examples, tokenizer, template, max_length=cfg.data.max_length, min_query_tokens=cfg.data.min_query_tokens,

@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-# A small, fast variant of the embedded default: fewer demo queries, no evaluation.
+# A small, fast variant of the embedded default: fewer demo queries, no evaluation, stage 2 only.
 SMALL = [
+    "stage1.enabled=false",
     "data.demo_queries=40",
     "data.eval=null",
     "train.max_tokens=9216",
@@ -51,9 +52,9 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_embedded_default_improves_ndcg(tmp_path):
-    """The default recipe, shortened to 60 steps, beats the untrained model on held-out queries."""
+    """The default recipe's stage 2, shortened to 60 steps, beats the untrained model on held-out queries."""
     out = tmp_path / "run"
-    proc = _train(out, "train.max_steps=60", "train.checkpoint_every=0")
+    proc = _train(out, "stage1.enabled=false", "train.max_steps=60", "train.checkpoint_every=0")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ndcg@10_after"] > summary["ndcg@10_before"] + 0.05, summary
     assert 0.0 < summary["bm25_ndcg@10"] < 1.0
@@ -125,15 +126,113 @@ def test_fsdp_two_processes_match_one(tmp_path):
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-5), name
 
 
+# Stage 1 then stage 2, cut down: 50 GRPO steps learn the answer format from a random init.
+CHAIN = [
+    "data.demo_queries=60",
+    "stage1.max_steps=50",
+    "stage1.checkpoint_every=0",
+    "stage1.max_eval_pairs=64",
+    "train.max_steps=15",
+    "train.checkpoint_every=0",
+]
+STAGE1_METRICS = {
+    "loss", "reward", "reward_format", "reward_correctness", "valid_format_rate", "accuracy", "kl", "entropy",
+    "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "completion_length", "zero_variance_groups", "lr",
+}  # fmt: skip
+
+
+def test_default_chains_stage1_into_stage2(tmp_path):
+    out = tmp_path / "chain"
+    _train(out, *CHAIN)
+    summary = json.loads((out / "summary.json").read_text())
+    s1 = summary["stage1"]
+    # a random init never answers in format; 50 GRPO steps teach it (greedy, held-out pairs)
+    assert s1["valid_format_rate_before"] == 0.0
+    assert s1["valid_format_rate_after"] >= 0.9, s1
+    assert 0.0 <= s1["accuracy_after"] <= 1.0 and s1["eval_pairs"] == 64
+    for key in ("ndcg@10_before", "ndcg@10_after", "bm25_ndcg@10", "ndcg@10_stage2_alone"):
+        assert 0.0 < summary[key] <= 1.0, (key, summary)
+    rows = [json.loads(line) for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and STAGE1_METRICS <= rows[0].keys()
+    assert rows[-1]["valid_format_rate"] > rows[0]["valid_format_rate"]
+    assert rows[0]["zero_variance_groups"] > 0  # nothing in format yet: every group's rewards are equal
+    assert (out / "stage1" / "curves.png").stat().st_size > 0
+    assert (out / "stage1" / "final" / "model.safetensors").exists()
+    assert (out / "stage2_alone" / "final" / "model.safetensors").exists()
+    # stage 2 started from stage 1's weights, not from the initial ones
+    stage1_w, alone_w = load_file(str(out / "stage1" / "final" / "model.safetensors")), _weights(out / "stage2_alone")
+    first = next(iter(stage1_w))
+    assert not torch.equal(stage1_w[first], alone_w[first])
+
+
+def test_stage1_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    """Rollouts are drawn from (seed, step, rank): a stage-1 run killed after a checkpoint
+    resumes to the same weights and the same logged rewards."""
+    steps = [
+        "data.demo_queries=40", "data.eval=null", "stage1.eval=null", "stage1.compare_stage2_alone=false",
+        "stage1.max_steps=8", "stage1.checkpoint_every=2", "stage1.prompts_per_step=8", "stage1.max_new_tokens=2",
+        "stage1.beta=0.04", "stage1.num_iterations=2", "train.max_steps=1",
+    ]  # fmt: skip
+    full = tmp_path / "full"
+    _train(full, *steps)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "prorank_fast.cli", "train", f"output_dir={killed}", *steps]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "stage1" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if latest.exists() and latest.read_text().strip() >= "step_0000004":
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        else:
+            pytest.fail("no stage-1 checkpoint at step 4 within 300 s")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (killed / "stage1" / "summary.json").exists()
+    _train(killed, *steps)
+    assert json.loads((killed / "stage1" / "summary.json").read_text())["resumed_from_step"] >= 4
+    a = load_file(str(full / "stage1" / "final" / "model.safetensors"))
+    b = load_file(str(killed / "stage1" / "final" / "model.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+    def rewards(out):
+        lines = (out / "stage1" / "metrics.jsonl").read_text().splitlines()
+        return [(r["reward"], r["loss"]) for r in map(json.loads, lines)]
+
+    assert rewards(killed) == pytest.approx(rewards(full), abs=1e-6)
+
+
+def test_stage1_bad_label_names_file_line_and_field(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"query": f"q{i}", "document": f"text {i}", "label": i % 2} for i in range(4)]
+    lines.append({"query": "q9", "document": "text", "label": 2})
+    pairs.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "prorank_fast.cli", "train", f"output_dir={out}", f"stage1.train={pairs}",
+           "data.demo_queries=40"]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{pairs}: line 5: field 'label': stage 1 needs binary labels 0/1, got 2" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "stage1" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["stage1.group_size=1"], "stage1.group_size must be >= 2"),
+        (["stage1.max_new_tokens=0"], "stage1.max_new_tokens must be >= 1"),
         (["train.lr=-1"], "train.lr must be > 0"),
         (["train.nope=1"], "unknown key train.nope"),
         (["stage2.loss=hinge"], "stage2.loss must be one of"),
         (["data.max_length=abc"], "data.max_length: expected an integer"),
         (["lr"], "no recipe named 'lr'"),
-        (["max_steps=0"], "train.max_steps must be > 0"),
+        (["train.max_steps=0"], "train.max_steps must be > 0"),
+        (["max_steps=3"], "ambiguous between ['stage1', 'train']"),
     ],
 )
 def test_bad_overrides_fail_before_any_work(tmp_path, overrides, message):
