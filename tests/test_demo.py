@@ -34,7 +34,21 @@ def test_deterministic_for_a_seed(demo, tmp_path):
     assert _files(again.root) == _files(demo.root)
     other = make_demo(tmp_path / "other", seed=7)
     assert other.train.read_bytes() != demo.train.read_bytes()
-    assert set(_files(demo.root)) == {"train.jsonl", "eval/corpus.jsonl", "eval/queries.jsonl", "eval/qrels/test.tsv"}
+    assert set(_files(demo.root)) == {
+        "train.jsonl", "eval/corpus.jsonl", "eval/queries.jsonl", "eval/qrels/test.tsv",
+        "stage1_train.jsonl", "stage1_eval.jsonl",
+    }  # fmt: skip
+
+
+def test_stage1_pairs_are_binary_balanced_and_split_like_the_queries(demo):
+    train, _ = read_examples(demo.stage1_train, binary_labels=True)
+    held, _ = read_examples(demo.stage1_eval, binary_labels=True)
+    for examples in (train, held):
+        labels = [label for ex in examples for label in ex.labels]
+        assert set(labels) == {0.0, 1.0} and sum(labels) * 2 == len(labels)
+    assert not {ex.query for ex in train} & {ex.query for ex in held}
+    eval_queries = {json.loads(line)["text"] for line in (demo.eval / "queries.jsonl").read_text().splitlines()}
+    assert {ex.query for ex in held} == eval_queries
 
 
 def test_layout_split_and_grades(demo):
