@@ -433,6 +433,9 @@ def run_trl(lm, cfg: Stage1Config, steps: list[StepData], log=print) -> dict:
         model=model, reward_funcs=[format_reward, correctness_reward], args=args, train_dataset=ds,
         processing_class=tokenizer, callbacks=[clock],
     )  # fmt: skip
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print its log dicts to stdout
     t0 = time.perf_counter()
     result = trainer.train()
     ends = [t0, *clock.ends]

@@ -12,8 +12,8 @@ rows do the same work, not their speed:
 * every timed step gives a finite loss and G completions of exactly T tokens per prompt.
 
 TRL's GRPOTrainer row is left to the command (its trainer setup alone takes seconds); this file does
-not need trl. Sizes: 2 prompts x 48 tokens, G=4, T=4, 1 warm-up + 2 timed steps per row (~15 s on
-2 cores); ``PRORANK_BENCH_S1_<FIELD>`` overrides any field.
+not need trl. Sizes: 2 prompts x 48 tokens, G=4, T=4, 1 warm-up + 2 timed steps per row (~25 s of CPU;
+40 s wall on 2 busy cores); ``PRORANK_BENCH_S1_<FIELD>`` overrides any field.
 """
 
 from __future__ import annotations
