@@ -235,7 +235,7 @@ class Stage1Step:
             )  # fmt: skip
             prompts = [Stage1Prompt(p, label, "bench") for p, label in zip(data.prompts, data.labels, strict=True)]
             return generate_rollouts(
-                self.policy, prompts, g, self.ctx, generator=torch.Generator().manual_seed(seed),
+                self.policy, prompts, g, self.ctx, generator=torch.Generator(device=self.device).manual_seed(seed),
                 max_tokens=cfg.max_tokens, device=self.device, d=None,
             )  # fmt: skip
         completions = self.generate(data.prompts, seed)

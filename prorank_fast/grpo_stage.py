@@ -80,7 +80,7 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end is not None:
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.add(int(im_end))
     return tuple(sorted(ids))
 
@@ -355,7 +355,7 @@ class PolicyForGRPO(torch.nn.Module):
         weight = lm_head_weight(self.lm)
         if head == "sample":
             states = self._decoder(input_ids, positions, prefix).index_select(0, rows)
-            return states.float() @ weight.float().t()
+            return (states @ weight.t()).float()  # in the head's dtype: no fp32 copy of [V, H] per call
         hidden = self.completion_states(batch)
         if head == "logprobs":
             t = options.temperature if options is not None else 1.0
@@ -388,11 +388,12 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, n: int, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """[R, V] logits -> [R, n] token ids (greedy when temperature == 0)."""
+    """[R, V] logits -> [R, n] token ids (greedy when temperature == 0). Drawn where the logits
+    are: `generator` lives on their device (no [R, V] copy to the host per decode step)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True).expand(-1, n)
     probs = torch.softmax(_filter_top_p(logits / temperature, top_p), dim=-1)
-    return torch.multinomial(probs.cpu(), n, replacement=True, generator=generator).to(logits.device)
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
 
 
 @torch.no_grad()
@@ -448,9 +449,10 @@ def sample_group_completions(
         rows = torch.arange(len(live), device=device)
         logits = policy(head="sample", input_ids=step_ids, positions=step_pos, prefix=prefix, rows=rows)
         new = _draw(logits, 1, temperature, top_p, generator).cpu().reshape(-1)
-        for i, s in enumerate(live):
-            completions[s].append(int(new[i]))
-            if bool(torch.isin(new[i], stop)):
+        stopped = torch.isin(new, stop).tolist()
+        for s, token, is_stop in zip(live, new.tolist(), stopped, strict=True):
+            completions[s].append(token)
+            if is_stop:
                 finished[s] = True
     return completions
 
@@ -467,7 +469,7 @@ def answer_accuracy(policy, prompts: list[Stage1Prompt], ctx: RewardContext, *, 
     was_training = policy.training
     policy.eval()
     valid = correct = 0
-    for chunk in _chunks_by_tokens([p.ids for p in prompts], max_tokens):
+    for chunk in _chunks_by_tokens([len(p.ids) for p in prompts], max_tokens):
         comps = sample_group_completions(
             policy, [prompts[i].ids for i in chunk], group_size=1, max_new_tokens=max_new_tokens,
             stop_ids=ctx.stop_ids, temperature=0.0, device=device,
@@ -480,15 +482,15 @@ def answer_accuracy(policy, prompts: list[Stage1Prompt], ctx: RewardContext, *, 
     return {"valid_format_rate": valid / n, "accuracy": correct / n, "pairs": len(prompts)}
 
 
-def _chunks_by_tokens(seqs: list[list[int]], budget: int) -> list[list[int]]:
+def _chunks_by_tokens(sizes: list[int], budget: int) -> list[list[int]]:
     """Consecutive index chunks whose token total stays within budget (one at least)."""
     chunks, current, used = [], [], 0
-    for i, s in enumerate(seqs):
-        if current and used + len(s) > budget:
+    for i, size in enumerate(sizes):
+        if current and used + size > budget:
             chunks.append(current)
             current, used = [], 0
         current.append(i)
-        used += len(s)
+        used += size
     if current:
         chunks.append(current)
     return chunks
@@ -532,19 +534,8 @@ class Rollouts:
 def micro_batches(rollouts: Rollouts, groups: list[int], max_tokens: int) -> list[list[int]]:
     """Whole groups per micro-batch, within a token budget (prompt once + its completions)."""
     g = rollouts.group_size
-    sizes = []
-    for p in groups:
-        sizes.append(len(rollouts.prompts[p]) + sum(len(c) for c in rollouts.completions[p * g : (p + 1) * g]))
-    out, current, used = [], [], 0
-    for p, n in zip(groups, sizes, strict=True):
-        if current and used + n > max_tokens:
-            out.append(current)
-            current, used = [], 0
-        current.append(p)
-        used += n
-    if current:
-        out.append(current)
-    return out
+    sizes = [len(rollouts.prompts[p]) + sum(len(c) for c in rollouts.completions[p * g : (p + 1) * g]) for p in groups]
+    return [[groups[i] for i in chunk] for chunk in _chunks_by_tokens(sizes, max_tokens)]
 
 
 def micro_scale(loss_type: str, tokens: int, seqs: int, tokens_total: float, seqs_total: float) -> float:
@@ -571,10 +562,10 @@ def mean_completion_length(completions: list[list[int]]) -> float:
 METRIC_KEYS = ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region")
 
 
-def _generator(seed: int, batch_index: int, rank: int) -> torch.Generator:
-    """Sampling RNG of one rollout batch: follows from (seed, batch, rank) alone, so a resumed
-    run draws what an uninterrupted one drew."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + batch_index * 7_919 + rank) % (2**63))
+def _generator(seed: int, batch_index: int, rank: int, device) -> torch.Generator:
+    """Sampling RNG of one rollout batch, on the device that samples: follows from (seed, batch,
+    rank) alone, so a resumed run draws what an uninterrupted one drew."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + batch_index * 7_919 + rank) % (2**63))
 
 
 def _prompt_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -586,7 +577,7 @@ def generate_rollouts(policy, prompts: list[Stage1Prompt], g, ctx: RewardContext
     """Sample G completions per prompt, reward them and compute group advantages."""
     ids = [p.ids for p in prompts]
     completions: list[list[int]] = []
-    for chunk in _chunks_by_tokens(ids, max_tokens):  # prefill rows within the micro-batch budget
+    for chunk in _chunks_by_tokens([len(x) for x in ids], max_tokens):  # prefill rows within the micro-batch budget
         completions += sample_group_completions(
             policy, [ids[i] for i in chunk], group_size=g.group_size, max_new_tokens=g.max_new_tokens,
             stop_ids=ctx.stop_ids, temperature=g.temperature, top_p=g.top_p, generator=generator, device=device,
@@ -660,7 +651,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
         order = _prompt_order(len(prompts), tcfg.seed, epoch)
         chosen = order[offset * g.prompts_per_step : (offset + 1) * g.prompts_per_step][d.rank :: d.world]
         rollouts = generate_rollouts(
-            policy, [prompts[i] for i in chosen], g, ctx, generator=_generator(tcfg.seed, index, d.rank),
+            policy, [prompts[i] for i in chosen], g, ctx, generator=_generator(tcfg.seed, index, d.rank, d.device),
             max_tokens=tcfg.max_tokens, device=d.device, d=d,
         )  # fmt: skip
         if g.num_iterations > 1:  # the behaviour policy's log-probs, before this batch's updates

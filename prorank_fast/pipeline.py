@@ -16,8 +16,6 @@ from . import data as data_mod
 from . import evaluate as eval_mod
 from .config import Recipe
 from .model import load_model, load_tokenizer
-from .packing import pack_sequences
-from .score_stage import batch_inputs
 
 
 @dataclass
@@ -154,36 +152,17 @@ def _labels_to_unit_interval(examples, source: str) -> None:
             ex.labels = [label / top for label in ex.labels]
 
 
-@torch.no_grad()
 def score_pairs(model, prep: Prepared, cfg: Recipe, pairs: list[tuple[str, str]], device) -> list[float]:
-    """Scores of (query, document) pairs in packed batches of cfg.train.max_tokens tokens."""
-    ids = [
-        prep.template.build(prep.tokenizer, q, doc, instruction=cfg.data.instruction,
-                            max_length=cfg.data.max_length, min_query_tokens=cfg.data.min_query_tokens)
-        for q, doc in pairs
-    ]  # fmt: skip
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
-    scores = [0.0] * len(ids)
-    budget = max(cfg.train.max_tokens, cfg.data.max_length)
-    batch: list[int] = []
-    used = 0
+    """Scores of (query, document) pairs through the training root `model` (so FSDP gathers the
+    parameters), packed into batches of cfg.train.max_tokens tokens by Reranker."""
+    from .rerank import Reranker
 
-    def flush():
-        if not batch:
-            return
-        packed = pack_sequences([ids[i] for i in batch], [0.0] * len(batch)).to(device)
-        out = model(**batch_inputs(packed, with_labels=False))
-        for i, s in zip(batch, out.float().cpu().tolist(), strict=True):
-            scores[i] = s
-
-    for i in order:
-        if used + len(ids[i]) > budget:
-            flush()
-            batch, used = [], 0
-        batch.append(i)
-        used += len(ids[i])
-    flush()
-    return scores
+    reranker = Reranker(
+        prep.model, prep.tokenizer, template=prep.template, output_ids=prep.output_ids,
+        token_weights=cfg.stage2.token_weights, instruction=cfg.data.instruction, max_length=cfg.data.max_length,
+        min_query_tokens=cfg.data.min_query_tokens, max_tokens=cfg.train.max_tokens, device=device, scorer=model,
+    )  # fmt: skip
+    return reranker.predict(pairs, show_progress_bar=False)
 
 
 def evaluate_model(model, prep: Prepared, cfg: Recipe, d) -> dict:

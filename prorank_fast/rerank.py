@@ -77,6 +77,9 @@ class Reranker:
         min_query_tokens: the query is never cut below this many tokens.
         max_tokens: tokens per packed batch (raised to max_length if smaller).
         device: where the model runs (default: the model's device).
+        scorer: the module whose forward scores a packed batch; None wraps `model` in a
+            RerankerForTraining. The trainer passes its own (FSDP-sharded) root, which gathers the
+            parameters in its forward: the model is then used as it is (not moved, not switched).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Reranker:
         min_query_tokens: int = _DEFAULT_MIN_QUERY_TOKENS,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         device: str | torch.device | None = None,
+        scorer: torch.nn.Module | None = None,
     ):
         from .attention import ATTN_IMPLEMENTATION
         from .score_stage import RerankerForTraining
@@ -109,6 +113,10 @@ class Reranker:
         self.max_length = int(max_length)
         self.min_query_tokens = min(int(min_query_tokens), self.max_length - 1) or 1
         self.max_tokens = max(int(max_tokens), self.max_length)  # a prompt always fits a batch
+        if scorer is not None:
+            self.device = torch.device(device) if device is not None else torch.device("cpu")
+            self.model, self._scorer = scorer, scorer
+            return
         if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
