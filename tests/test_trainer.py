@@ -201,7 +201,7 @@ def test_stage1_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
     def rewards(out):
         lines = (out / "stage1" / "metrics.jsonl").read_text().splitlines()
-        return [(r["reward"], r["loss"]) for r in map(json.loads, lines)]
+        return [value for r in map(json.loads, lines) for value in (r["reward"], r["loss"])]
 
     assert rewards(killed) == pytest.approx(rewards(full), abs=1e-6)
 
