@@ -46,7 +46,8 @@ def _import_suite(name: str):
 def _train(items: list[str], *, dry_run: bool) -> int:
     import json
 
-    from .config import RecipeError, load_recipe
+    from .config import load_recipe
+    from .errors import InputError
 
     recipe_arg = None
     overrides = []
@@ -59,21 +60,18 @@ def _train(items: list[str], *, dry_run: bool) -> int:
             raise SystemExit(f"prorank-fast train: two recipes given ({recipe_arg!r}, {item!r})")
     try:
         recipe = load_recipe(recipe_arg, overrides)
-    except RecipeError as exc:
+    except InputError as exc:
         raise SystemExit(f"prorank-fast train: {exc}") from exc
     if dry_run:
         from .dry_run import dry_run as run_dry
 
         print(json.dumps(run_dry(recipe), indent=2))
         return 0
-    from .data import DataError
-    from .evaluate import BeirFormatError
-    from .grpo_stage import Stage1InputError
-    from .trainer import train
+    from .train import train
 
     try:
         summary = train(recipe)
-    except (DataError, BeirFormatError, RecipeError, Stage1InputError) as exc:
+    except InputError as exc:
         # bad input: the message names the file, line and field; no traceback needed
         raise SystemExit(f"prorank-fast train: {exc}") from exc
     s1 = summary.get("stage1")
@@ -97,8 +95,8 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     import re
 
-    from .evaluate import (
-        BeirFormatError,
+    from .errors import InputError
+    from .evaluation import (
         bm25_first_stage,
         evaluate_reranker,
         first_stage_candidates,
@@ -120,7 +118,7 @@ def _eval(args: argparse.Namespace) -> int:
             first = bm25_first_stage(data, k=args.k)
             first_name, source = "BM25", "bm25s"
         first_stage_candidates(data, first, args.k, source=source)  # the checks evaluate_reranker makes
-    except BeirFormatError as exc:
+    except InputError as exc:
         raise SystemExit(f"prorank-fast eval: {exc}") from exc
     data_name = re.sub(r"[^\w.-]+", "_", args.data.removeprefix("hf:").rstrip("/").split("/")[-1]) or "data"
     out = Path(args.output_dir or Path("runs") / "eval" / data_name)
@@ -142,7 +140,7 @@ def _eval(args: argparse.Namespace) -> int:
             score_fn, data, first, k=args.k, out_dir=out, first_stage_name=first_name, run_source=source,
             batch_size=args.batch_size, show_progress=True, info=info,
         )  # fmt: skip
-    except BeirFormatError as exc:
+    except InputError as exc:
         raise SystemExit(f"prorank-fast eval: {exc}") from exc
     for line in report["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
@@ -157,14 +155,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _rank(args: argparse.Namespace) -> int:
-    from .data import DataError
+    from .errors import InputError
     from .rerank import Reranker, read_pairs_jsonl, write_scores_jsonl
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise SystemExit(f"prorank-fast rank: --max-tokens must be >= 1, got {args.max_tokens}")
     try:  # the input before the model: bad input fails in seconds, naming file, line and field
         records, pairs = read_pairs_jsonl(args.input)
-    except DataError as exc:
+    except InputError as exc:
         raise SystemExit(f"prorank-fast rank: {exc}") from exc
     kwargs = {k: v for k, v in (("device", args.device), ("max_tokens", args.max_tokens)) if v is not None}
     try:

@@ -1,6 +1,9 @@
 """Recipes: dataclasses, YAML loading, `key=value` overrides, validation.
 
-A recipe has five sections (model, data, stage1, stage2, train). `prorank-fast train RECIPE
+A recipe has five sections (model, data, stage1, stage2, train). Each stage owns its
+optimisation settings (stage1.* and stage2.* each have lr, max_steps, warmup_ratio,
+checkpoint_every); `train` holds what both share (output_dir, seed, device, max_tokens,
+the optimizer's betas and weight decay, clipping, ...). `prorank-fast train RECIPE
 train.lr=3e-4 output_dir=runs/x` loads the YAML into these dataclasses, then applies the
 overrides; a key may be dotted (`train.lr`) or bare when it names one field of one section
 (`output_dir`). Every unknown key or ill-typed value is an error naming the key.
@@ -17,6 +20,15 @@ from typing import Any
 
 import yaml
 
+from prorank_fast.kernels.reference import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCORE_LOSSES
+
+from .data import FORMATS, TEMPLATES
+from .errors import RecipeError
+from .grpo.rewards import SCALE_REWARDS
+from .loop.distributed import DEVICES
+from .modeling.attention import BACKENDS
+from .modeling.model import ATTN_IMPLEMENTATIONS, DTYPES
+
 
 def _recipes_dir() -> Path:
     """The bundled recipes: the top-level recipes/ folder, installed as prorank_fast.recipes."""
@@ -26,10 +38,6 @@ def _recipes_dir() -> Path:
 
 
 DEFAULT_RECIPE = "tiny"
-
-
-class RecipeError(ValueError):
-    """A recipe or override that cannot be used; the message names the file and key."""
 
 
 @dataclass
@@ -108,25 +116,29 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
+    """Fine-grained score learning (ProRank stage 2)."""
+
     loss: str = "listwise"  # bce | mse | listwise | distill
     temperature: float = 1.0  # distill softmax temperature
     # Output set and weights: score = sum_k w_k z[token_k]; None takes them from the template.
-    token_weights: tuple[float, ...] = (1.0, -1.0)
+    token_weights: tuple[float, ...] | None = None
+    lr: float = 1e-3
+    warmup_ratio: float = 0.1
+    max_steps: int = 100  # optimizer steps
+    checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
 
 
 @dataclass
 class TrainConfig:
+    """What both stages share."""
+
     output_dir: str = "runs/tiny"
     seed: int = 0
-    lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_ratio: float = 0.1
-    max_steps: int = 100  # optimizer steps
     max_tokens: int = 4096  # token budget of one micro-batch (per rank)
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # stage-2 micro-batches per optimizer step
     max_grad_norm: float = 1.0
-    checkpoint_every: int = 50  # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
@@ -149,17 +161,26 @@ class Recipe:
 
 
 SECTIONS = ("model", "data", "stage1", "stage2", "train")
+# Allowed values, as their owners define them (the readers, the templates, the kernels, ...).
 _CHOICES = {
-    ("model", "dtype"): ("float32", "bfloat16"),
-    ("model", "attn_implementation"): ("prorank_varlen", "sdpa", "eager", "flash_attention_2"),
-    ("model", "varlen_backend"): ("auto", "flash_attn", "torch_varlen", "sdpa"),
-    ("data", "format"): ("auto", "groups", "pointwise", "columns", "beir"),
-    ("data", "template"): ("prorank", "qwen3"),
-    ("stage1", "scale_rewards"): ("group", "batch", "none"),
-    ("stage1", "loss_type"): ("grpo", "bnpo", "dr_grpo", "dapo"),
-    ("stage1", "importance_sampling_level"): ("token", "sequence"),
-    ("stage2", "loss"): ("bce", "mse", "listwise", "distill"),
-    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("model", "dtype"): DTYPES,
+    ("model", "attn_implementation"): ATTN_IMPLEMENTATIONS,
+    ("model", "varlen_backend"): ("auto", *BACKENDS),
+    ("data", "format"): FORMATS,
+    ("data", "template"): tuple(TEMPLATES),
+    ("stage1", "scale_rewards"): SCALE_REWARDS,
+    ("stage1", "loss_type"): LOSS_TYPES,
+    ("stage1", "importance_sampling_level"): IMPORTANCE_SAMPLING_LEVELS,
+    ("stage2", "loss"): SCORE_LOSSES,
+    ("train", "device"): DEVICES,
+}
+
+# Keys that moved: an old recipe or override gets an error that names the new key.
+_MOVED = {
+    ("train", "lr"): "stage2.lr",
+    ("train", "max_steps"): "stage2.max_steps",
+    ("train", "warmup_ratio"): "stage2.warmup_ratio",
+    ("train", "checkpoint_every"): "stage2.checkpoint_every",
 }
 
 
@@ -240,6 +261,11 @@ def _field_types(section_cls) -> dict[str, Any]:
 def _set(recipe: Recipe, section: str, key: str, value: Any, where: str) -> None:
     target = getattr(recipe, section)
     types_ = _field_types(type(target))
+    if (section, key) in _MOVED:
+        raise RecipeError(
+            f"{where}: {section}.{key} is now {_MOVED[section, key]} (each stage owns its lr, max_steps, "
+            "warmup_ratio and checkpoint_every: stage1.* and stage2.*)"
+        )
     if key not in types_:
         raise RecipeError(f"{where}: unknown key {section}.{key} (known: {', '.join(sorted(types_))})")
     coerced = _coerce(value, types_[key], f"{where}: {section}.{key}")
@@ -302,6 +328,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> None:
                 raise RecipeError(f"override {item!r}: unknown section {section!r}")
         else:
             owners = [s for s in SECTIONS if key in _field_types(type(getattr(recipe, s)))]
+            if not owners and ("train", key) in _MOVED:
+                owners = ["train"]  # let _set name the key's new place
             if len(owners) != 1:
                 why = "no section has it" if not owners else f"ambiguous between {owners}"
                 raise RecipeError(f"override {item!r}: write section.{key} ({why})")
@@ -318,10 +346,10 @@ def validate(recipe: Recipe) -> None:
     positive = {
         "data.max_length": d.max_length,
         "data.group_size": d.group_size,
-        "train.max_steps": t.max_steps,
+        "stage2.max_steps": s.max_steps,
+        "stage2.lr": s.lr,
         "train.max_tokens": t.max_tokens,
         "train.grad_accum": t.grad_accum,
-        "train.lr": t.lr,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -330,12 +358,14 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: data.group_size must be >= 2 for stage2.loss={s.loss}")
     if d.min_query_tokens < 1 or d.min_query_tokens >= d.max_length:
         raise RecipeError(f"{where}: data.min_query_tokens must be in [1, data.max_length)")
-    if not 0 <= t.warmup_ratio < 1:
-        raise RecipeError(f"{where}: train.warmup_ratio must be in [0, 1)")
+    if not 0 <= s.warmup_ratio < 1:
+        raise RecipeError(f"{where}: stage2.warmup_ratio must be in [0, 1)")
     if s.temperature <= 0:
         raise RecipeError(f"{where}: stage2.temperature must be > 0")
-    if t.checkpoint_every < 0:
-        raise RecipeError(f"{where}: train.checkpoint_every must be >= 0")
+    if s.checkpoint_every < 0:
+        raise RecipeError(f"{where}: stage2.checkpoint_every must be >= 0")
+    if s.token_weights is not None and len(s.token_weights) != 2:
+        raise RecipeError(f"{where}: stage2.token_weights needs one weight per output token (2), got {s.token_weights}")
     if recipe.stage1.enabled:
         _validate_stage1(recipe.stage1, where)
 

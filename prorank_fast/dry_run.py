@@ -37,8 +37,8 @@ def _build_on_meta(recipe: Recipe):
 def _tokenizer_check(recipe: Recipe) -> dict:
     """Output-set ids from a local tokenizer: model.tokenizer if it is a folder, else the
     Qwen2 tokenizer named by PRORANK_QWEN2_TOKENIZER for Qwen recipes."""
-    from . import data as data_mod
-    from .model import load_tokenizer
+    from .data import get_template
+    from .modeling import load_tokenizer
 
     path = recipe.model.tokenizer
     if not (path and Path(path).is_dir()):
@@ -47,7 +47,7 @@ def _tokenizer_check(recipe: Recipe) -> dict:
     if not path or not Path(path).is_dir():
         return {"tokenizer": "not checked (no local tokenizer; set PRORANK_QWEN2_TOKENIZER for Qwen recipes)"}
     tokenizer = load_tokenizer(path)
-    template = data_mod.get_template(recipe.data.template)
+    template = get_template(recipe.data.template)
     ids = template.output_token_ids(tokenizer)
     return {"tokenizer": str(path), "output_token_ids": list(ids)}
 

@@ -1,6 +1,6 @@
 """What an exported folder needs so that other libraries load it as it is.
 
-``pipeline.export`` writes ``save_pretrained`` safetensors + the tokenizer, then calls
+``export_model`` writes ``save_pretrained`` safetensors + the tokenizer, then calls
 :func:`write_ecosystem_files`, which adds:
 
 * ``config.json["prorank"]``: template, output-set token ids and weights, instruction,
@@ -37,10 +37,12 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import PromptTemplate, get_template
+from .data.templates import PromptTemplate, get_template
+from .io import atomic_write_dir
 
 __all__ = [
     "CHAT_TEMPLATE_FILE",
+    "export_model",
     "PRORANK_KEY",
     "align_tokenizer_files",
     "chat_template",
@@ -180,7 +182,7 @@ def align_tokenizer_files(folder: str | Path, tokenizer, probes: Sequence[str] =
     """
     from transformers import AutoTokenizer
 
-    from .model import load_tokenizer
+    from .modeling import load_tokenizer
 
     folder = Path(folder)
     texts = list(_TOKENIZER_PROBES) + [p for p in probes if p]
@@ -315,3 +317,36 @@ def write_ecosystem_files(
     entry["vllm_hf_overrides"] = vllm_hf_overrides(config, tpl)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return entry
+
+
+def export_model(root, lm, tokenizer, target: str | Path, cfg, output_ids: Sequence[int],
+                 token_weights: Sequence[float], *, is_main: bool) -> None:  # fmt: skip
+    """Save the trained model as a folder every loader reads: ``save_pretrained`` safetensors,
+    the tokenizer, then :func:`write_ecosystem_files` (template, output ids, chat template,
+    sentence-transformers files), built beside `target` and renamed into place.
+
+    root: the training root (a RerankerScorer or PolicyForGRPO, FSDP-sharded or not) whose
+    state holds the weights under ``lm.``; lm: the *ForCausalLM inside it (its config and class
+    write the files); cfg: the Recipe (its data section: template, instruction, lengths). Every rank must call it (gathering a sharded state is collective); only
+    the main rank writes.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return
+    lm_state = {}
+    for key, value in state.items():
+        key = key.replace("_orig_mod.", "")
+        if key.startswith("lm."):
+            lm_state[key[3:]] = value
+
+    def fill(folder: Path) -> None:
+        lm.save_pretrained(folder, state_dict=lm_state, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        write_ecosystem_files(
+            folder, tokenizer, cfg.data.template, output_ids, token_weights, cfg.data.instruction,
+            cfg.data.max_length, cfg.data.min_query_tokens,
+        )  # fmt: skip
+
+    atomic_write_dir(target, fill)

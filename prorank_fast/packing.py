@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PackedBatch", "PackingStats", "collate", "pack_sequences", "plan_micro_batches"]
+__all__ = ["PackedBatch", "PackingStats", "budget_batches", "collate", "pack_sequences", "plan_micro_batches"]
 
 
 @dataclass
@@ -75,7 +75,8 @@ class PackedBatch:
         return PackedBatch(**pinned)
 
     def model_inputs(self) -> dict[str, Any]:
-        """Keyword arguments for a transformers decoder (``model.model(**batch.model_inputs())``).
+        """Keyword arguments for a transformers decoder (``model.model(**batch.model_inputs())``):
+        what the scorer (training, evaluation and Reranker) calls the backbone with.
 
         transformers passes ``cu_seq_lens_q/k`` and ``max_length_q/k`` through to the attention
         function (the "prorank_varlen" one uses them); ``use_cache=False`` because a training
@@ -195,6 +196,41 @@ def _fill_bins(keys: list[int], ids: list[int], capacity: int) -> list[list[int]
     return bins
 
 
+def budget_batches(
+    sizes: Sequence[int], max_tokens: int, *, order: Sequence[int] | None = None, fill: bool = False
+) -> list[list[int]]:
+    """The one token-budget chunker: indices into `sizes` cut into batches whose sizes sum to
+    at most `max_tokens`.
+
+    Items are taken in `order` (default: 0..n-1). With fill=False the batches are consecutive
+    runs of that order, each closed when the next item would overflow it (what inference and
+    rollouts want: sort by length first and similar lengths share a batch); an item larger
+    than the budget gets a batch of its own. With fill=True each run of 2048 items is sorted
+    by size and bin-packed largest first with an exact best-pair completion (see _fill_bins):
+    ~1-3% waste, the training plans' choice; an item larger than the budget is then an error
+    for the caller to have excluded.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    order = list(range(len(sizes))) if order is None else list(order)
+    if fill:
+        bins: list[list[int]] = []
+        for start in range(0, len(order), _PLAN_CHUNK):
+            chunk = sorted(order[start : start + _PLAN_CHUNK], key=sizes.__getitem__)  # stable: order breaks ties
+            bins.extend(_fill_bins([sizes[i] for i in chunk], chunk, max_tokens))
+        return bins
+    batches, current, used = [], [], 0
+    for i in order:
+        if current and used + sizes[i] > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += sizes[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
 def plan_micro_batches(
     groups: Sequence[Any], max_tokens: int, *, seed: int, shuffle: bool = True
 ) -> tuple[list[list[int]], PackingStats]:
@@ -204,10 +240,9 @@ def plan_micro_batches(
     Returns the group indices of each micro-batch and the plan's PackingStats
     (waste = 1 - tokens / (micro-batches * max_tokens)).
 
-    Groups are shuffled by `seed` (when `shuffle`), cut into chunks of 2048, and each chunk is
-    bin-packed largest-first with an exact best-pair completion (see _fill_bins); the
-    micro-batch order is then shuffled by `seed`. A plan is deterministic per seed, and differs
-    across epochs when the seed does. A group larger than `max_tokens` raises ValueError.
+    Groups are shuffled by `seed` (when `shuffle`), then packed by budget_batches(fill=True);
+    the micro-batch order is then shuffled by `seed`. A plan is deterministic per seed, and
+    differs across epochs when the seed does. A group larger than `max_tokens` raises ValueError.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
@@ -225,10 +260,7 @@ def plan_micro_batches(
     rng = random.Random(seed)
     if shuffle:
         rng.shuffle(order)
-    bins: list[list[int]] = []
-    for start in range(0, len(order), _PLAN_CHUNK):
-        chunk = sorted(order[start : start + _PLAN_CHUNK], key=sizes.__getitem__)  # stable: seed breaks ties
-        bins.extend(_fill_bins([sizes[i] for i in chunk], chunk, max_tokens))
+    bins = budget_batches(sizes, max_tokens, order=order, fill=True)
     if shuffle:
         rng.shuffle(bins)
 

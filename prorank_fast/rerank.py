@@ -2,7 +2,7 @@
 
     from prorank_fast import Reranker
 
-    reranker = Reranker.from_pretrained("runs/tiny/final")          # a folder pipeline.export wrote
+    reranker = Reranker.from_pretrained("runs/tiny/final")          # a folder export_model wrote
     reranker.predict([("what is bm25", "BM25 is a ranking function ..."), ...])   # [float], z["1"] - z["0"]
     reranker.rank("what is bm25", documents, top_k=10)               # [{"corpus_id", "score", "text"}]
 
@@ -11,7 +11,7 @@ How a call runs: prompts are built at token-id level with the export's template
 document truncated), sorted by length, and cut into packed batches of at most ``max_tokens``
 tokens (no padding: ``position_ids`` restart per sequence, ``cu_seqlens``). The backbone runs
 once per packed batch with varlen attention ("prorank_varlen": flash-attn or torch varlen on
-CUDA, SDPA per document on CPU), exactly as :class:`~prorank_fast.score_stage.RerankerForTraining`
+CUDA, SDPA per document on CPU), exactly as :class:`~prorank_fast.scoring.RerankerScorer`
 runs it in training; only each sequence's last position reaches the head, and only the K
 output-set rows of the LM head are read (:func:`prorank_fast.kernels.restricted_vocab_score`).
 bf16 on CUDA, fp32 on CPU by default.
@@ -28,7 +28,11 @@ from typing import Any
 import torch
 
 from . import data as data_mod
-from .packing import pack_sequences
+from .data.records import iter_jsonl, text_field
+from .errors import DataError
+from .modeling import ATTN_IMPLEMENTATION, load_tokenizer, resolve_dtype, set_varlen_backend
+from .packing import budget_batches, pack_sequences
+from .scoring import RerankerScorer
 
 __all__ = ["DEFAULT_MAX_TOKENS", "PROGRESS_MIN_PAIRS", "Reranker"]
 
@@ -71,14 +75,14 @@ class Reranker:
         tokenizer: a fast tokenizer.
         template: a template name ("prorank", "qwen3") or a PromptTemplate.
         output_ids: the output-set token ids; None = the template's tokens under this tokenizer.
-        token_weights: one weight per output id (default z[pos] - z[neg]).
+        token_weights: one weight per output id; None = the template's (z[pos] - z[neg]).
         instruction: the default instruction (None: the template's own default, if any).
         max_length: tokens per prompt, template included (only the document is cut).
         min_query_tokens: the query is never cut below this many tokens.
         max_tokens: tokens per packed batch (raised to max_length if smaller).
         device: where the model runs (default: the model's device).
         scorer: the module whose forward scores a packed batch; None wraps `model` in a
-            RerankerForTraining. The trainer passes its own (FSDP-sharded) root, which gathers the
+            RerankerScorer. The trainer passes its own (FSDP-sharded) root, which gathers the
             parameters in its forward: the model is then used as it is (not moved, not switched).
     """
 
@@ -89,7 +93,7 @@ class Reranker:
         *,
         template: str | data_mod.PromptTemplate = "prorank",
         output_ids: Sequence[int] | None = None,
-        token_weights: Sequence[float] = (1.0, -1.0),
+        token_weights: Sequence[float] | None = None,
         instruction: str | None = None,
         max_length: int = 512,
         min_query_tokens: int = _DEFAULT_MIN_QUERY_TOKENS,
@@ -97,13 +101,11 @@ class Reranker:
         device: str | torch.device | None = None,
         scorer: torch.nn.Module | None = None,
     ):
-        from .attention import ATTN_IMPLEMENTATION
-        from .score_stage import RerankerForTraining
 
         self.template = data_mod.get_template(template)
         self.tokenizer = tokenizer
         self.output_ids = tuple(int(i) for i in (output_ids or self.template.output_token_ids(tokenizer)))
-        self.token_weights = tuple(float(w) for w in token_weights)
+        self.token_weights = tuple(float(w) for w in (token_weights or self.template.token_weights))
         if len(self.token_weights) != len(self.output_ids):
             raise ValueError(f"{len(self.token_weights)} token_weights for {len(self.output_ids)} output_ids")
         if max_length < 1 or min_query_tokens < 1 or max_tokens < 1:
@@ -122,7 +124,7 @@ class Reranker:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
         # The training forward (score_stage): decoder over the packed row, last positions, K head rows.
-        self._scorer = RerankerForTraining(self.model, self.output_ids, self.token_weights, loss="bce")
+        self._scorer = RerankerScorer(self.model, self.output_ids, self.token_weights)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -139,7 +141,7 @@ class Reranker:
         template: str | None = None,
         varlen_backend: str | None = None,
     ) -> Reranker:
-        """Load a folder written by ``pipeline.export`` (``final/``): safetensors, tokenizer and
+        """Load a folder written by ``export.export_model`` (``final/``): safetensors, tokenizer and
         ``config.json["prorank"]`` (template, output_token_ids, token_weights, instruction, max_length).
 
         device: default cuda if available, else cpu. dtype: default bfloat16 on CUDA, float32 on CPU.
@@ -148,9 +150,6 @@ class Reranker:
         varlen_backend: force "flash_attn" | "torch_varlen" | "sdpa" (process-wide; default: auto).
         """
         from transformers import AutoModelForCausalLM
-
-        from .attention import ATTN_IMPLEMENTATION, set_varlen_backend
-        from .model import load_tokenizer, resolve_dtype
 
         path = Path(path)
         config_path = path / "config.json"
@@ -209,21 +208,6 @@ class Reranker:
                 ids[i] = seq
         return ids
 
-    def _batches(self, lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-        """Indices per packed batch: longest first (an out-of-memory shows on the first batch), each
-        batch filled up to max_tokens with the next lengths in order, so similar lengths go together."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        batches, batch, used = [], [], 0
-        for i in order:
-            if batch and used + lengths[i] > max_tokens:
-                batches.append(batch)
-                batch, used = [], 0
-            batch.append(i)
-            used += lengths[i]
-        if batch:
-            batches.append(batch)
-        return batches
-
     # no_grad, not inference_mode: attention.py's per-document SDPA caches by tensor._version,
     # which inference tensors do not have.
     @torch.no_grad()
@@ -238,7 +222,9 @@ class Reranker:
         if len(sequences) == 0:
             return []
         budget = max(int(max_tokens or self.max_tokens), max(len(s) for s in sequences))
-        batches = self._batches([len(s) for s in sequences], budget)
+        lengths = [len(s) for s in sequences]
+        # longest first (an out-of-memory shows on the first batch), similar lengths together
+        batches = budget_batches(lengths, budget, order=sorted(range(len(lengths)), key=lambda i: -lengths[i]))
         show = len(sequences) >= PROGRESS_MIN_PAIRS if show_progress_bar is None else show_progress_bar
         bar = None
         if show:
@@ -251,13 +237,7 @@ class Reranker:
         try:
             for batch in batches:
                 packed = pack_sequences([sequences[i] for i in batch], [0.0] * len(batch)).to(self.device)
-                out = self._scorer(
-                    input_ids=packed.input_ids,
-                    position_ids=packed.position_ids,
-                    cu_seqlens=packed.cu_seqlens,
-                    max_seqlen=packed.max_seqlen,
-                    last_index=packed.last_index,
-                )
+                out = self._scorer(packed)
                 for i, s in zip(batch, out.float().cpu().tolist(), strict=True):
                     scores[i] = s
                 if bar is not None:
@@ -344,17 +324,15 @@ def read_pairs_jsonl(path: str | Path) -> tuple[list[dict], list[tuple[str, str]
     """
     path = Path(path)
     if not path.is_file():
-        raise data_mod.DataError(f"{path}: no such file", reason="io")
+        raise DataError(f"{path}: no such file", reason="io")
     records, pairs = [], []
-    for loc, rec in data_mod._jsonl_records(path, data_mod.ReadStats(str(path))):
-        if isinstance(rec, data_mod.DataError):
-            raise rec
-        query = data_mod._text(rec, "query", loc)
+    for loc, rec in iter_jsonl(path):
+        query = text_field(rec, "query", loc)
         key = next((k for k in DOCUMENT_FIELDS if k in rec), None)
         if key is None:
             raise loc.error("document", f"missing (also accepted: {', '.join(DOCUMENT_FIELDS[1:])})", "missing_field")
         records.append(rec)
-        pairs.append((query, data_mod._text(rec, key, loc)))
+        pairs.append((query, text_field(rec, key, loc)))
     return records, pairs
 
 

@@ -14,7 +14,7 @@ import torch
 
 from prorank_fast.data import get_template
 from prorank_fast.export import write_ecosystem_files
-from prorank_fast.model import build_tiny_model, load_tokenizer
+from prorank_fast.modeling import build_tiny_model, load_tokenizer
 
 TEXTS = [
     "the cat sat on the mat",
@@ -36,7 +36,7 @@ PAIRS = [
 
 
 def demo_tokenizer(folder: Path):
-    from prorank_fast.demo import train_demo_tokenizer
+    from prorank_fast.data.demo import train_demo_tokenizer
 
     if not (folder / "tokenizer.json").exists():
         train_demo_tokenizer(TEXTS, vocab_size=600, out_dir=folder)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
-from prorank_fast import attention as attn
+from prorank_fast.modeling import attention as attn
 from prorank_fast.packing import pack_sequences
 
 LENGTHS = (7, 1, 13, 4, 1, 20, 9)

@@ -54,7 +54,7 @@ def _jsonl(path: Path, records) -> Path:
 @pytest.fixture(scope="module")
 def demo_tok(tmp_path_factory):
     """A small trained tokenizer (always available, unlike the Qwen2 one)."""
-    from prorank_fast.demo import train_demo_tokenizer
+    from prorank_fast.data.demo import train_demo_tokenizer
 
     texts = [r["query"] for r in GROUPS] + [d for r in GROUPS for d in r["pos"] + r["neg"]]
     texts += ["the quick brown fox jumps over the lazy dog"] * 20
@@ -388,7 +388,7 @@ def test_output_ids_must_be_single_tokens(demo_tok):
 
 
 def _pieces(tok, template, instruction=None):
-    from prorank_fast.data import _fixed_pieces
+    from prorank_fast.data.templates import _fixed_pieces
 
     return _fixed_pieces(template, tok, instruction)
 

@@ -1,4 +1,4 @@
-"""prorank_fast.demo: the generated collection (deterministic, held-out queries, hard for
+"""prorank_fast.data.demo: the generated collection (deterministic, held-out queries, hard for
 BM25 but learnable) and the tokenizer trained on the fly."""
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from prorank_fast.data import get_template, read_examples
-from prorank_fast.demo import DOMAINS, demo_texts, make_demo, train_demo_tokenizer
+from prorank_fast.data.demo import DOMAINS, demo_texts, make_demo, train_demo_tokenizer
 
 
 @pytest.fixture(scope="module")

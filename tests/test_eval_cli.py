@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from prorank_fast import cli
-from prorank_fast.evaluate import (
+from prorank_fast.evaluation import (
     BeirFormatError,
     bm25_first_stage,
     evaluate_reranker,
@@ -364,8 +364,8 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_eval_cli_on_a_trained_tiny_model(tmp_path):
     train_dir = tmp_path / "train"
     # Stage 2 only, 3 steps: an exported folder is what is needed, not a good model.
-    _cli("train", f"output_dir={train_dir}", "stage1.enabled=false", "train.max_steps=3", "data.demo_queries=40",
-         "data.eval=null", "train.checkpoint_every=0")  # fmt: skip
+    _cli("train", f"output_dir={train_dir}", "stage1.enabled=false", "stage2.max_steps=3", "data.demo_queries=40",
+         "data.eval=null", "stage2.checkpoint_every=0")  # fmt: skip
     model, collection, out = train_dir / "final", train_dir / "demo" / "eval", tmp_path / "eval"
     proc = _cli("eval", str(model), "--data", str(collection), "--k", "20", "--output-dir", str(out))
     report = json.loads((out / "metrics.json").read_text())

@@ -1,4 +1,4 @@
-"""prorank_fast.evaluate: BEIR loading, BM25 first stage, reranking, metrics, TREC runs."""
+"""prorank_fast.evaluation: BEIR loading, BM25 first stage, reranking, metrics, TREC runs."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prorank_fast.evaluate import (
+from prorank_fast.evaluation import (
     BeirData,
     BeirFormatError,
     bm25_first_stage,
@@ -97,7 +97,7 @@ def test_repeated_identical_qrels_row_is_counted(tmp_path):
         ("qrels_bad_score", r"test\.tsv line 3: field 'score': 'high' is not an integer"),
         ("qrels_two_fields", r"test\.tsv line 2: expected 3 tab-separated fields"),
         ("qrels_conflict", r"test\.tsv line 7: field 'score'.*judged 1 here and 2 at line 2"),
-        ("corpus_bad_json", r"corpus\.jsonl line 2: invalid JSON"),
+        ("corpus_bad_json", r"corpus\.jsonl: line 2: invalid JSON"),
         ("corpus_no_text", r"corpus\.jsonl line 1: field 'text' missing"),
         ("judged_query_absent", r"query id 'q9' is judged but absent"),
     ],

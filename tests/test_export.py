@@ -10,7 +10,6 @@ PRORANK_QWEN2_TOKENIZER is set, the real Qwen2 one. No training, no download.
 from __future__ import annotations
 
 import json
-import types
 import warnings
 from pathlib import Path
 
@@ -154,7 +153,7 @@ def test_autotokenizer_agrees_after_export(exported):
     every loader tokenizes alike (the demo tokenizer has no normalizer of its own)."""
     from transformers import AutoTokenizer
 
-    from prorank_fast.model import load_tokenizer
+    from prorank_fast.modeling import load_tokenizer
 
     text = "cafe\u0301 \u212b"  # not NFC
     auto, ours = AutoTokenizer.from_pretrained(str(exported)), load_tokenizer(exported)
@@ -173,20 +172,20 @@ def test_other_token_weights_skip_sentence_transformers(tmp_path, tokenizer):
     assert reranker.token_weights == (2.0, -1.0)
 
 
-def test_pipeline_export_writes_ecosystem_files(tmp_path, tokenizer):
-    """pipeline.export (the training run's final/) goes through write_ecosystem_files."""
-    from prorank_fast import pipeline
+def test_export_model_writes_ecosystem_files(tmp_path, tokenizer):
+    """export_model (the training run's final/) goes through write_ecosystem_files."""
     from prorank_fast.config import load_recipe
-    from prorank_fast.model import build_tiny_model
-    from prorank_fast.score_stage import RerankerForTraining
+    from prorank_fast.export import export_model
+    from prorank_fast.modeling import build_tiny_model
+    from prorank_fast.scoring import RerankerScorer
 
     cfg = load_recipe(None, ["data.max_length=300", "data.min_query_tokens=8"])
     lm = build_tiny_model({"initializer_range": 0.2}, len(tokenizer), tokenizer.pad_token_id)
     tpl = get_template(cfg.data.template)
-    prep = types.SimpleNamespace(model=lm, tokenizer=tokenizer, output_ids=tpl.output_token_ids(tokenizer))
-    wrapped = RerankerForTraining(lm, prep.output_ids, (1.0, -1.0), "bce")
+    output_ids = tpl.output_token_ids(tokenizer)
+    wrapped = RerankerScorer(lm, output_ids, (1.0, -1.0), "bce")
     target = tmp_path / "final"
-    pipeline.export(wrapped, prep, cfg, target, types.SimpleNamespace(main=True))
+    export_model(wrapped, lm, tokenizer, target, cfg, output_ids, is_main=True)
     entry = json.loads((target / "config.json").read_text())["prorank"]
     assert entry["max_length"] == 300 and entry["min_query_tokens"] == 8 and entry["sentence_transformers"]
     _assert_close(CrossEncoder(str(target)).predict(PAIRS), Reranker.from_pretrained(target).predict(PAIRS))
@@ -194,7 +193,7 @@ def test_pipeline_export_writes_ecosystem_files(tmp_path, tokenizer):
 
 @pytest.mark.skipif(qwen2_tokenizer_path() is None, reason="PRORANK_QWEN2_TOKENIZER not set")
 def test_real_qwen2_tokenizer(tmp_path):
-    from prorank_fast.model import load_tokenizer
+    from prorank_fast.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(qwen2_tokenizer_path())
     folder = export_tiny(tmp_path, tokenizer, max_length=256)

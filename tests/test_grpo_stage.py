@@ -11,12 +11,12 @@ import torch
 
 from prorank_fast.config import RecipeError, load_recipe
 from prorank_fast.data import Example
-from prorank_fast.grpo_stage import (
+from prorank_fast.errors import Stage1InputError
+from prorank_fast.grpo import (
     GRPOOptions,
     PolicyForGRPO,
     RewardContext,
     Rollouts,
-    Stage1InputError,
     compute_rewards,
     group_advantages,
     make_group_batch,
@@ -27,7 +27,7 @@ from prorank_fast.grpo_stage import (
     stage1_prompts,
 )
 from prorank_fast.kernels.reference import grpo_loss_from_logprobs
-from prorank_fast.model import build_tiny_model
+from prorank_fast.modeling import build_tiny_model
 
 V = 97
 TINY = {

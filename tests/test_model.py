@@ -9,9 +9,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
-from prorank_fast import attention as attn
 from prorank_fast.config import ModelConfig
-from prorank_fast.model import (
+from prorank_fast.modeling import (
     apply_liger_kernels,
     backbone,
     build_tiny_model,
@@ -20,6 +19,7 @@ from prorank_fast.model import (
     load_tokenizer,
     resolve_dtype,
 )
+from prorank_fast.modeling import attention as attn
 from prorank_fast.packing import pack_sequences
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}

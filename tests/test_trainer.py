@@ -54,7 +54,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_embedded_default_improves_ndcg(tmp_path):
     """The default recipe's stage 2, shortened to 60 steps, beats the untrained model on held-out queries."""
     out = tmp_path / "run"
-    proc = _train(out, "stage1.enabled=false", "train.max_steps=60", "train.checkpoint_every=0")
+    proc = _train(out, "stage1.enabled=false", "stage2.max_steps=60", "stage2.checkpoint_every=0")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ndcg@10_after"] > summary["ndcg@10_before"] + 0.05, summary
     assert 0.0 < summary["bm25_ndcg@10"] < 1.0
@@ -71,7 +71,7 @@ def test_embedded_default_improves_ndcg(tmp_path):
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    steps = ["train.max_steps=8", "train.checkpoint_every=2", *SMALL]
+    steps = ["stage2.max_steps=8", "stage2.checkpoint_every=2", *SMALL]
     full = tmp_path / "full"
     _train(full, *steps)
 
@@ -108,7 +108,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 def test_fsdp_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, FSDP2) and one process with twice the accumulation
     see the same micro-batches per step and must log the same losses."""
-    common = ["train.max_steps=5", "train.checkpoint_every=0", *SMALL]
+    common = ["stage2.max_steps=5", "stage2.checkpoint_every=0", *SMALL]
     one = tmp_path / "one"
     _train(one, "train.grad_accum=2", *common)
 
@@ -132,8 +132,8 @@ CHAIN = [
     "stage1.max_steps=50",
     "stage1.checkpoint_every=0",
     "stage1.max_eval_pairs=64",
-    "train.max_steps=15",
-    "train.checkpoint_every=0",
+    "stage2.max_steps=15",
+    "stage2.checkpoint_every=0",
 ]
 STAGE1_METRICS = {
     "loss", "reward", "reward_format", "reward_correctness", "valid_format_rate", "accuracy", "kl", "entropy",
@@ -171,7 +171,7 @@ def test_stage1_sigkill_then_resume_matches_uninterrupted(tmp_path):
     steps = [
         "data.demo_queries=40", "data.eval=null", "stage1.eval=null", "stage1.compare_stage2_alone=false",
         "stage1.max_steps=8", "stage1.checkpoint_every=2", "stage1.prompts_per_step=8", "stage1.max_new_tokens=2",
-        "stage1.beta=0.04", "stage1.num_iterations=2", "train.max_steps=1",
+        "stage1.beta=0.04", "stage1.num_iterations=2", "stage2.max_steps=1",
     ]  # fmt: skip
     full = tmp_path / "full"
     _train(full, *steps)
@@ -226,13 +226,16 @@ def test_stage1_bad_label_names_file_line_and_field(tmp_path):
     [
         (["stage1.group_size=1"], "stage1.group_size must be >= 2"),
         (["stage1.max_new_tokens=0"], "stage1.max_new_tokens must be >= 1"),
-        (["train.lr=-1"], "train.lr must be > 0"),
+        (["stage2.lr=-1"], "stage2.lr must be > 0"),
+        (["train.lr=1e-3"], "train.lr is now stage2.lr"),
+        (["max_steps=3"], "ambiguous between ['stage1', 'stage2']"),
+        (["checkpoint_every=3"], "ambiguous between ['stage1', 'stage2']"),
         (["train.nope=1"], "unknown key train.nope"),
         (["stage2.loss=hinge"], "stage2.loss must be one of"),
         (["data.max_length=abc"], "data.max_length: expected an integer"),
         (["lr"], "no recipe named 'lr'"),
-        (["train.max_steps=0"], "train.max_steps must be > 0"),
-        (["max_steps=3"], "ambiguous between ['stage1', 'train']"),
+        (["stage2.max_steps=0"], "stage2.max_steps must be > 0"),
+        (["stage2.token_weights=[1.0]"], "stage2.token_weights needs one weight per output token"),
     ],
 )
 def test_bad_overrides_fail_before_any_work(tmp_path, overrides, message):

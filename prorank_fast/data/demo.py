@@ -407,7 +407,7 @@ def train_demo_tokenizer(texts: Iterable[str], vocab_size: int = 512, out_dir: s
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import TEMPLATES
+    from .templates import TEMPLATES
 
     texts = [t for t in texts if t]
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 8:

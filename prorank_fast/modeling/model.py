@@ -57,6 +57,10 @@ TINY_DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
+# What a recipe may name (config.py reads these): model.dtype, model.attn_implementation.
+DTYPES = ("float32", "bfloat16")
+ATTN_IMPLEMENTATIONS = ("prorank_varlen", "sdpa", "eager", "flash_attention_2")
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _DTYPES.update({"float16": torch.float16, "fp16": torch.float16})
 

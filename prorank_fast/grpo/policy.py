@@ -1,0 +1,93 @@
+"""The stage-1 policy: a *ForCausalLM wrapped so that one forward is a shared-prefix pass
+plus the fused GRPO loss, the log-probs of old/reference passes, or sampling logits.
+
+The policy pass shares the prefix: a packed row of prompts runs once with gradients, and a
+second packed row holds the completions' input tokens, whose attention reads the prompt
+keys/values (modeling.shared_prefix.SharedPrefix). One-token completions need no second row:
+the hidden state at each prompt's last position predicts every completion's only token, so a
+whole group is one forward. Nothing is ever prefilled or backpropagated G times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prorank_fast.kernels import fused_linear_grpo_loss, fused_linear_logprobs
+
+from ..modeling import backbone, lm_head_weight
+from ..modeling.shared_prefix import SharedPrefix
+from .batches import GroupBatch, prompt_ranges
+
+
+@dataclass
+class GRPOOptions:
+    """The fused loss's options (stage1 section of a recipe)."""
+
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    temperature: float = 1.0
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    max_completion_length: int | None = None
+
+
+class PolicyForGRPO(torch.nn.Module):
+    """Wraps a *ForCausalLM for stage 1; it is the FSDP root, so the LM head is read inside
+    its forward (after FSDP gathered it), as in scoring.RerankerScorer.
+
+    forward(batch, head=...):
+      "grpo"     -> (loss, metrics): fused_linear_grpo_loss over the batch's completion tokens
+      "logprobs" -> [N] log-probs of the completion tokens (old / reference passes)
+      "sample"   -> [rows, V] logits at `rows` of a pass described by `prefix` (sampling)
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def _decoder(self, input_ids, positions, prefix: SharedPrefix) -> torch.Tensor:
+        out = backbone(self.lm)(
+            input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+            shared_prefix=prefix,
+        )  # fmt: skip
+        return out.last_hidden_state[0]
+
+    def completion_states(self, batch: GroupBatch) -> torch.Tensor:
+        """[N, H]: for each completion token, the hidden state that predicts it."""
+        device = batch.prompt_ids.device
+        prefix = SharedPrefix()
+        prefix.begin_pass(
+            [torch.empty(0, dtype=torch.int64)] * batch.num_prompts, batch.prompt_lengths, append=True, device=device
+        )
+        prompt_states = self._decoder(batch.prompt_ids, batch.prompt_positions, prefix)
+        last = torch.tensor(batch.prompt_lengths, device=device).cumsum(0) - 1
+        states = [prompt_states.index_select(0, last)]
+        if batch.comp_lengths:
+            ranges = prompt_ranges(batch.prompt_lengths)
+            prefix.begin_pass([ranges[p] for p in batch.comp_prompt], batch.comp_lengths, append=False, device=device)
+            states.append(self._decoder(batch.comp_ids, batch.comp_positions, prefix))
+        return torch.cat(states).index_select(0, batch.pred_index)
+
+    def forward(self, batch=None, *, head: str = "grpo", options: GRPOOptions | None = None,
+                num_items_in_batch=None, input_ids=None, positions=None, prefix=None, rows=None):  # fmt: skip
+        weight = lm_head_weight(self.lm)
+        if head == "sample":
+            states = self._decoder(input_ids, positions, prefix).index_select(0, rows)
+            return (states @ weight.t()).float()  # in the head's dtype: no fp32 copy of [V, H] per call
+        hidden = self.completion_states(batch)
+        if head == "logprobs":
+            t = options.temperature if options is not None else 1.0
+            return fused_linear_logprobs(hidden, weight, batch.token_ids, temperature=t)
+        if head != "grpo":
+            raise ValueError(f"head must be grpo | logprobs | sample, got {head!r}")
+        o = options or GRPOOptions()
+        return fused_linear_grpo_loss(
+            hidden, weight, batch.token_ids, batch.advantages, batch.seq_ids,
+            old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs if o.beta else None,
+            beta=o.beta, epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, delta=o.delta,
+            temperature=o.temperature, loss_type=o.loss_type, importance_sampling_level=o.importance_sampling_level,
+            max_completion_length=o.max_completion_length, num_items_in_batch=num_items_in_batch,
+        )  # fmt: skip

@@ -1,0 +1,141 @@
+"""Stage-1 rollouts: G completions per prompt from one prefill (the prompt's keys and values
+are computed once and serve all G), rewarded and turned into group advantages; and greedy
+answers on held-out pairs (valid-format rate, accuracy)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..modeling.shared_prefix import SharedPrefix
+from ..packing import budget_batches
+from .batches import Rollouts, prompt_ranges
+from .policy import PolicyForGRPO
+from .prompts import Stage1Prompt
+from .rewards import RewardContext, compute_rewards, correctness_reward, format_reward, group_advantages
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering (the smallest set of tokens whose probability reaches top_p),
+    as transformers' TopPLogitsWarper, on [R, V] fp32 logits."""
+    if top_p >= 1.0:
+        return logits
+    from transformers import TopPLogitsWarper
+
+    return TopPLogitsWarper(top_p=top_p)(None, logits)
+
+
+def _draw(logits: torch.Tensor, n: int, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """[R, V] logits -> [R, n] token ids (greedy when temperature == 0). Drawn where the logits
+    are: `generator` lives on their device (no [R, V] copy to the host per decode step)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True).expand(-1, n)
+    probs = torch.softmax(_filter_top_p(logits / temperature, top_p), dim=-1)
+    return torch.multinomial(probs, n, replacement=True, generator=generator)
+
+
+@torch.no_grad()
+def sample_group_completions(
+    policy: PolicyForGRPO | torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> list[list[int]]:
+    """G completions per prompt (group-major: prompt 0's G, then prompt 1's, ...).
+
+    All prompts are prefilled together in one packed row; each decode step is one packed row
+    of one token per unfinished completion, attending to its prompt's keys/values and its own
+    earlier tokens. A completion ends after a stop token or at max_new_tokens. `policy` is
+    called as policy(head="sample", ...) so FSDP gathers the head.
+    """
+    device = torch.device(device) if device is not None else next(policy.parameters()).device
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.int64)
+    n_prompts = len(prompts)
+    lengths = [len(p) for p in prompts]
+    prefix = SharedPrefix()
+    prefix.begin_pass([torch.empty(0, dtype=torch.int64)] * n_prompts, lengths, append=True, device=device)
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    last = torch.tensor(lengths, device=device).cumsum(0) - 1
+    logits = policy(head="sample", input_ids=ids, positions=positions, prefix=prefix, rows=last)
+    tokens = _draw(logits, group_size, temperature, top_p, generator).cpu().reshape(-1)  # [P*G]
+    completions = [[int(t)] for t in tokens]
+    finished = torch.isin(tokens, stop)
+    ranges = prompt_ranges(lengths)
+    owner = [s // group_size for s in range(n_prompts * group_size)]
+    store_pos: list[list[int]] = [[] for _ in completions]  # where each completion's own tokens sit in the store
+    for step in range(1, max_new_tokens):
+        live = [s for s in range(len(completions)) if not finished[s]]
+        if not live:
+            break
+        # the newest token of each live completion goes in; it attends to its prompt and earlier tokens
+        base = prefix.size
+        prefix.begin_pass(
+            [torch.cat([ranges[owner[s]], torch.tensor(store_pos[s], dtype=torch.int64)]) for s in live],
+            [1] * len(live), append=True, device=device,
+        )  # fmt: skip
+        for i, s in enumerate(live):
+            store_pos[s].append(base + i)
+        step_ids = torch.tensor([completions[s][-1] for s in live], dtype=torch.int64, device=device)
+        step_pos = torch.tensor([lengths[owner[s]] + step - 1 for s in live], dtype=torch.int64, device=device)
+        rows = torch.arange(len(live), device=device)
+        logits = policy(head="sample", input_ids=step_ids, positions=step_pos, prefix=prefix, rows=rows)
+        new = _draw(logits, 1, temperature, top_p, generator).cpu().reshape(-1)
+        stopped = torch.isin(new, stop).tolist()
+        for s, token, is_stop in zip(live, new.tolist(), stopped, strict=True):
+            completions[s].append(token)
+            if is_stop:
+                finished[s] = True
+    return completions
+
+
+@torch.no_grad()
+def answer_accuracy(policy, prompts: list[Stage1Prompt], ctx: RewardContext, *, max_new_tokens: int,
+                    max_tokens: int, device) -> dict:  # fmt: skip
+    """Greedy answers: valid-format rate and accuracy (answer == label) over `prompts`."""
+    was_training = policy.training
+    policy.eval()
+    valid = correct = 0
+    for chunk in budget_batches([len(p.ids) for p in prompts], max_tokens):
+        comps = sample_group_completions(
+            policy, [prompts[i].ids for i in chunk], group_size=1, max_new_tokens=max_new_tokens,
+            stop_ids=ctx.stop_ids, temperature=0.0, device=device,
+        )  # fmt: skip
+        labels = [prompts[i].label for i in chunk]
+        valid += sum(format_reward(comps, labels, ctx))
+        correct += sum(correctness_reward(comps, labels, ctx))
+    policy.train(was_training)
+    n = max(1, len(prompts))
+    return {"valid_format_rate": valid / n, "accuracy": correct / n, "pairs": len(prompts)}
+
+
+def generate_rollouts(policy, prompts: list[Stage1Prompt], g, ctx: RewardContext, *, generator, max_tokens: int,
+                      device, d) -> Rollouts:  # fmt: skip
+    """Sample G completions per prompt, reward them and compute group advantages."""
+    ids = [p.ids for p in prompts]
+    completions: list[list[int]] = []
+    for chunk in budget_batches([len(x) for x in ids], max_tokens):  # prefill rows within the micro-batch budget
+        completions += sample_group_completions(
+            policy, [ids[i] for i in chunk], group_size=g.group_size, max_new_tokens=g.max_new_tokens,
+            stop_ids=ctx.stop_ids, temperature=g.temperature, top_p=g.top_p, generator=generator, device=device,
+        )  # fmt: skip
+    labels = [p.label for p in prompts]
+    per_completion = [label for label in labels for _ in range(g.group_size)]
+    rewards, parts = compute_rewards(g.rewards, g.reward_weights, completions, per_completion, ctx)
+    batch_std = None
+    if g.scale_rewards == "batch":  # the batch spans the ranks: its std from global sums
+        n, s, s2 = d.all_sum([rewards.numel(), float(rewards.sum()), float((rewards**2).sum())])
+        batch_std = math.sqrt(max(0.0, (s2 - s * s / n) / max(n - 1, 1)))
+    advantages, zero_var = group_advantages(rewards, g.group_size, g.scale_rewards, batch_std)
+    for name, fn in (("format", format_reward), ("correctness", correctness_reward)):
+        if name not in parts:  # the step's format rate / accuracy are logged whatever the rewards
+            parts[name] = torch.tensor(fn(completions, per_completion, ctx), dtype=torch.float64)
+    return Rollouts(ids, labels, completions, advantages.float(), rewards, parts, zero_var, g.group_size)

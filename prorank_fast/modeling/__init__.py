@@ -1,0 +1,36 @@
+"""The model: loading, varlen attention over packed rows, shared-prefix passes.
+
+attention.py     varlen attention registered with transformers ("prorank_varlen"), backends detected once
+shared_prefix.py SharedPrefix: keys/values computed once, attended to by later packed passes
+model.py         load_model / load_tokenizer / build_tiny_model; backbone() and lm_head_weight()
+"""
+
+from .attention import ATTN_IMPLEMENTATION, resolve_backend, set_varlen_backend
+from .model import (
+    TINY_DEFAULTS,
+    apply_liger_kernels,
+    backbone,
+    build_tiny_model,
+    liger_available,
+    lm_head_weight,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
+from .shared_prefix import SharedPrefix
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "TINY_DEFAULTS",
+    "SharedPrefix",
+    "apply_liger_kernels",
+    "backbone",
+    "build_tiny_model",
+    "liger_available",
+    "lm_head_weight",
+    "load_model",
+    "load_tokenizer",
+    "resolve_backend",
+    "resolve_dtype",
+    "set_varlen_backend",
+]

@@ -1,0 +1,150 @@
+"""Before any training: tokenizer, template, model, tokenized training groups, held-out
+data with its BM25 first stage, stage-1 prompts. Bad input fails here, before a model is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import data as data_mod
+from ..config import Recipe
+from ..errors import DataError
+from ..evaluation import bm25_first_stage, evaluate_run, load_beir
+from ..grpo import stage1_prompts
+from ..modeling import load_model, load_tokenizer
+
+
+@dataclass
+class Prepared:
+    tokenizer: object
+    template: object
+    output_ids: tuple[int, ...]
+    model: torch.nn.Module
+    groups: list
+    read_stats: object
+    eval_data: object | None = None
+    bm25_run: dict | None = None
+    bm25_metrics: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+    stage1_prompts: list = field(default_factory=list)  # grpo_stage.Stage1Prompt, training
+    stage1_eval_prompts: list = field(default_factory=list)  # held-out, for accuracy before/after
+    token_weights: tuple[float, ...] = (1.0, -1.0)  # stage2.token_weights, or the template's
+
+
+def _demo_paths(cfg: Recipe, out: Path, d) -> dict:
+    """The generated demo collection lives in OUTPUT_DIR/demo (made once, by rank 0)."""
+    from ..data.demo import make_demo
+
+    target = out / "demo"
+    if d.main and not (target / "stage1_train.jsonl").exists():
+        make_demo(target, num_queries=cfg.data.demo_queries, docs_per_topic=cfg.data.demo_docs_per_topic,
+                  seed=cfg.data.demo_seed)  # fmt: skip
+    d.barrier()
+    return {
+        "train": str(target / "train.jsonl"),
+        "eval": str(target / "eval"),
+        "stage1_train": str(target / "stage1_train.jsonl"),
+        "stage1_eval": str(target / "stage1_eval.jsonl"),
+    }
+
+
+def _tokenizer(cfg: Recipe, out: Path, train_spec: str, d):
+    if cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer)
+    if cfg.model.name_or_path:
+        return load_tokenizer(cfg.model.name_or_path)
+    # a tiny model from scratch: a small tokenizer trained on the training text, saved once
+    from ..data.demo import train_demo_tokenizer
+
+    tok_dir = out / "tokenizer"
+    if d.main and not (tok_dir / "tokenizer.json").exists():
+        examples, _ = data_mod.read_examples(
+            train_spec, format=cfg.data.format, skip_bad_records=cfg.data.skip_bad_records
+        )
+        texts = [ex.query for ex in examples] + [doc for ex in examples for doc in ex.docs]
+        train_demo_tokenizer(texts, vocab_size=cfg.model.tokenizer_vocab_size, out_dir=tok_dir)
+    d.barrier()
+    return load_tokenizer(str(tok_dir))
+
+
+def prepare(cfg: Recipe, out: Path, d) -> Prepared:
+    paths = {"train": cfg.data.train, "eval": cfg.data.eval}
+    if cfg.stage1.enabled:
+        paths["stage1_train"] = cfg.stage1.train or cfg.data.train
+        paths["stage1_eval"] = cfg.stage1.eval
+    if "demo" in paths.values():
+        demo = _demo_paths(cfg, out, d)
+        paths = {k: (demo[k] if v == "demo" else v) for k, v in paths.items()}
+    tokenizer = _tokenizer(cfg, out, paths["train"], d)
+    template = data_mod.get_template(cfg.data.template)
+    output_ids = template.output_token_ids(tokenizer)
+    group_size = cfg.data.group_size if cfg.stage2.loss in ("listwise", "distill") else None
+    examples, stats = data_mod.read_examples(
+        paths["train"], format=cfg.data.format, group_size=group_size, skip_bad_records=cfg.data.skip_bad_records,
+        max_examples=cfg.data.max_examples, instruction=cfg.data.instruction, seed=cfg.train.seed,
+    )  # fmt: skip
+    if cfg.stage2.loss == "distill" and any(ex.teacher_scores is None for ex in examples):
+        raise ValueError(f"{paths['train']}: stage2.loss=distill needs teacher scores (pos_scores/neg_scores)")
+    if cfg.stage2.loss in ("bce", "mse"):
+        _labels_to_unit_interval(examples, paths["train"])
+    groups = data_mod.tokenize_examples(examples, tokenizer, template, cfg.data.max_length, cfg.data.min_query_tokens)
+    stage1_train, stage1_eval = [], []
+    if cfg.stage1.enabled:  # read and checked before any model is built: bad input fails first
+        stage1_train = _stage1_prompts(cfg, paths["stage1_train"], tokenizer, template)
+        if paths.get("stage1_eval"):
+            stage1_eval = _stage1_prompts(cfg, paths["stage1_eval"], tokenizer, template)
+            stage1_eval = stage1_eval[: cfg.stage1.max_eval_pairs]
+    model = _seeded_model(cfg, tokenizer, d)
+    prep = Prepared(tokenizer, template, output_ids, model, groups, stats, paths=paths)
+    prep.stage1_prompts, prep.stage1_eval_prompts = stage1_train, stage1_eval
+    prep.token_weights = tuple(cfg.stage2.token_weights or template.token_weights)
+    if paths["eval"]:
+        prep.eval_data = load_beir(paths["eval"])
+        prep.bm25_run = bm25_first_stage(prep.eval_data, k=cfg.data.eval_first_stage_k)
+        prep.bm25_metrics = evaluate_run(prep.bm25_run, prep.eval_data.qrels)
+    return prep
+
+
+def _seeded_model(cfg: Recipe, tokenizer, d) -> torch.nn.Module:
+    # Seed right before the weights are drawn: every rank (FSDP shards each rank's own init)
+    # and every run, fresh or resumed, builds the same model whatever preparation consumed.
+    torch.manual_seed(cfg.train.seed)
+    return load_model(cfg.model, tokenizer, d.device)  # on its device: Liger kernels apply on CUDA only
+
+
+def initial_model(cfg: Recipe, prep: Prepared, d) -> torch.nn.Module:
+    """A fresh copy of the starting weights (what prepare() built before any training)."""
+    return _seeded_model(cfg, prep.tokenizer, d)
+
+
+def _stage1_prompts(cfg: Recipe, spec: str, tokenizer, template) -> list:
+    examples, _ = data_mod.read_examples(
+        spec, format=cfg.data.format, skip_bad_records=cfg.data.skip_bad_records, instruction=cfg.data.instruction,
+        seed=cfg.train.seed, binary_labels=True,
+    )  # fmt: skip
+    return stage1_prompts(
+        examples, tokenizer, template, max_length=cfg.data.max_length, min_query_tokens=cfg.data.min_query_tokens,
+        instruction=cfg.data.instruction,
+    )  # fmt: skip
+
+
+def load_exported(cfg: Recipe, folder: Path, d) -> torch.nn.Module:
+    """A model saved by export() (stage 1's final/), loaded as the recipe's model is: the same
+    attention implementation, dtype, checkpointing and device."""
+    import dataclasses
+
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=str(folder))
+    return load_model(model_cfg, load_tokenizer(str(folder)), d.device)
+
+
+def _labels_to_unit_interval(examples, source: str) -> None:
+    """bce / mse need targets in [0, 1]: graded labels (0..g_max) are divided by g_max."""
+    top = max((label for ex in examples for label in ex.labels), default=1.0)
+    low = min((label for ex in examples for label in ex.labels), default=0.0)
+    if low < 0:
+        raise DataError(f"{source}: labels must be >= 0 for bce/mse, found {low}")
+    if top > 1.0:
+        for ex in examples:
+            ex.labels = [label / top for label in ex.labels]

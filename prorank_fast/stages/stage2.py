@@ -1,0 +1,60 @@
+"""Stage 2, fine-grained score learning, as a run of the one loop: packed micro-batches of
+whole groups, the restricted-vocabulary loss, held-out nDCG@10 before and after, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Recipe
+from ..export import export_model
+from ..loop import Dist, LoopSettings, StepPlan, run_loop, shard
+from ..packing import collate
+from ..scoring import RerankerScorer, loss_units
+from .held_out import evaluate_model
+
+
+def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
+    """Stage 2 on `lm` (trained in place); checkpoints, metrics and final/ under `out`."""
+    tcfg = cfg.train
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    wrapper = RerankerScorer(lm, prep.output_ids, prep.token_weights, cfg.stage2.loss, cfg.stage2.temperature)
+    model = shard(wrapper, d, compile_layers=cfg.model.compile)
+    steps = StepPlan(prep.groups, tcfg.max_tokens, tcfg.seed, d.world * tcfg.grad_accum)
+
+    def step_fn(step: int, state: dict) -> dict:
+        mine = steps.step_batches(step)[d.rank :: d.world]
+        batches = [collate([prep.groups[i] for i in ids]).to(d.device) for ids in mine]
+        local = [loss_units(b, cfg.stage2.loss) for b in batches]
+        units_total, tokens_total = d.all_sum([sum(local), sum(b.num_tokens for b in batches)])
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            if d.distributed and hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(i == len(batches) - 1)
+            loss, _scores = model(batch, with_loss=True)
+            # FSDP averages gradients over ranks: scale so the step's gradient is the mean over all units
+            (loss * (d.world / units_total)).backward()
+            loss_sum += float(loss.detach())
+        (global_loss,) = d.all_sum([loss_sum])
+        return {"loss": global_loss / units_total, "tokens": int(tokens_total)}
+
+    s2 = cfg.stage2
+    settings = LoopSettings("stage 2", out, s2.max_steps, s2.lr, s2.warmup_ratio, s2.checkpoint_every)
+    result = run_loop(model, step_fn, settings, tcfg, d, lambda: {"eval_before": evaluate_model(model, prep, cfg, d)})
+    eval_before = result["state"]["eval_before"]
+    eval_after = evaluate_model(model, prep, cfg, d)
+    export_model(model, prep.model, prep.tokenizer, out / "final", cfg, prep.output_ids, prep.token_weights, is_main=d.main)
+    return {
+        "stage2_loss": cfg.stage2.loss,
+        "stage2_final_loss": result["last"].get("loss", float("nan")),
+        "steps": cfg.stage2.max_steps,
+        "resumed_from_step": result["start_step"],
+        "world_size": d.world,
+        "ndcg@10_before": eval_before.get("ndcg@10"),
+        "ndcg@10_after": eval_after.get("ndcg@10"),
+        "bm25_ndcg@10": eval_after.get("bm25_ndcg@10"),
+        "eval_queries": eval_after.get("queries"),
+        "packing_waste": steps.stats.waste,
+        "train_tokens_per_s": result["tokens"] / max(result["loop_time"], 1e-9),
+        "final_model": str(out / "final"),
+    }

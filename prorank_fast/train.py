@@ -1,0 +1,48 @@
+"""`prorank-fast train`: prepare, stage 1 (and stage 2 alone from the same start, when asked),
+stage 2 from stage 1's weights, the summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Recipe
+from .io import atomic_write_text
+from .loop import set_seed, setup_distributed
+from .stages import initial_model, load_exported, prepare, run_stage1, run_stage2
+
+
+def train(recipe: Recipe) -> dict:
+    """Run the recipe: stage 1 (when stage1.enabled) then stage 2 from its weights; returns
+    the summary (also in OUTPUT_DIR/summary.json)."""
+    t_start = time.time()
+    cfg, tcfg = recipe, recipe.train
+    d = setup_distributed(tcfg.device)
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    out = Path(tcfg.output_dir)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+
+    set_seed(tcfg.seed)
+    prep = prepare(cfg, out, d)  # tokenizer, template, model, groups, eval data, stage-1 prompts
+
+    summary = {"recipe": cfg.source}
+    if cfg.stage1.enabled:
+        stage1 = run_stage1(cfg, prep, d, out / "stage1")
+        summary["stage1"] = stage1
+        if cfg.stage1.compare_stage2_alone:
+            # the same stage 2 from the same start, without stage 1 (reported next to the chained run)
+            alone = run_stage2(cfg, prep, initial_model(cfg, prep, d), d, out / "stage2_alone")
+            summary["ndcg@10_stage2_alone"] = alone.get("ndcg@10_after")
+        prep.model = load_exported(cfg, Path(stage1["final_model"]), d)
+    summary.update(run_stage2(cfg, prep, prep.model, d, out))
+    summary["wall_time_s"] = time.time() - t_start
+    if d.main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    d.barrier()
+    return summary
