@@ -25,13 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from . import _utils, reference
-from .logprobs import ROW_OPS, LMHeadChunks, fused_linear_logprobs, validate_linear_tokens
+from .lm_head import ROW_OPS, LMHeadChunks, validate_linear_tokens
+from .logprobs import fused_linear_logprobs
 
 if _utils.triton_available():
     import triton
     import triton.language as tl
 
-    from .logprobs import NUM_WARPS, _block, _online_row_stats, _write_grad_logits
+    from .lm_head import NUM_WARPS, block_for_vocab, online_row_stats, write_grad_logits
 else:  # pragma: no cover
     triton = None
     tl = None
@@ -90,7 +91,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * stride_row
         tok = tl.load(tok_ptr + row).to(tl.int64)
-        lse, logp, entropy = _online_row_stats(row_ptr, bias_ptr, tok, V, inv_t, HAS_BIAS, BLOCK)
+        lse, logp, entropy = online_row_stats(row_ptr, bias_ptr, tok, V, inv_t, HAS_BIAS, BLOCK)
         seq = tl.load(seq_ptr + row).to(tl.int64)
         adv = tl.load(adv_ptr + seq).to(tl.float32)
         c = tl.load(c_ptr + row)
@@ -110,7 +111,7 @@ if triton is not None:
         tl.store(low_ptr + row, low)
         tl.store(high_ptr + row, high)
         if WRITE_GRAD:
-            _write_grad_logits(row_ptr, bias_ptr, tok, lse, grad, 0.0, 0.0, V, inv_t, HAS_BIAS, False, BLOCK)
+            write_grad_logits(row_ptr, bias_ptr, tok, lse, grad, 0.0, 0.0, V, inv_t, HAS_BIAS, False, BLOCK)
 
 
 def _triton_token_rows(raw, bias, tok, seq, advantages, old, ref, c, opts, write_grad, out):
@@ -126,7 +127,7 @@ def _triton_token_rows(raw, bias, tok, seq, advantages, old, ref, c, opts, write
         V, 1.0 / opts.temperature, float(opts.beta), float(opts.epsilon_low), float(opts.epsilon_high),
         float(opts.delta) if opts.delta is not None else 0.0,
         HAS_BIAS=bias is not None, HAS_OLD=old is not None, USE_KL=use_kl, HAS_DELTA=opts.delta is not None,
-        WRITE_GRAD=write_grad, BLOCK=_block(V), num_warps=NUM_WARPS,
+        WRITE_GRAD=write_grad, BLOCK=block_for_vocab(V), num_warps=NUM_WARPS,
     )  # fmt: skip
 
 

@@ -185,7 +185,7 @@ def test_export_model_writes_ecosystem_files(tmp_path, tokenizer):
     output_ids = tpl.output_token_ids(tokenizer)
     wrapped = RerankerScorer(lm, output_ids, (1.0, -1.0), "bce")
     target = tmp_path / "final"
-    export_model(wrapped, lm, tokenizer, target, cfg, output_ids, is_main=True)
+    export_model(wrapped, lm, tokenizer, target, cfg, output_ids, (1.0, -1.0), is_main=True)
     entry = json.loads((target / "config.json").read_text())["prorank"]
     assert entry["max_length"] == 300 and entry["min_query_tokens"] == 8 and entry["sentence_transformers"]
     _assert_close(CrossEncoder(str(target)).predict(PAIRS), Reranker.from_pretrained(target).predict(PAIRS))
