@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 BENCH_SUITES = {
-    "cpu": "benchmarks.cpu_grpo",
-    "stage1": "benchmarks.stage1",
-    "stage2": "benchmarks.stage2",
+    "cpu": "benchmarks.grpo_loss",
+    "stage1": "benchmarks.stage1_step",
+    "stage2": "benchmarks.stage2_step",
     "rerank": "benchmarks.rerank",
     "gpu": "benchmarks.gpu_suite",
 }

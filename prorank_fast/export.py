@@ -327,8 +327,8 @@ def export_model(root, lm, tokenizer, target: str | Path, cfg, output_ids: Seque
 
     root: the training root (a RerankerScorer or PolicyForGRPO, FSDP-sharded or not) whose
     state holds the weights under ``lm.``; lm: the *ForCausalLM inside it (its config and class
-    write the files); cfg: the Recipe (its data section: template, instruction, lengths). Every rank must call it (gathering a sharded state is collective); only
-    the main rank writes.
+    write the files); cfg: the Recipe (its data section: template, instruction, lengths).
+    Every rank must call it (gathering a sharded state is collective); only the main rank writes.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

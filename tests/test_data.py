@@ -4,6 +4,7 @@ shaping, bad records, templates at token-id level, truncation."""
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from prorank_fast.data import (
     DataError,
     Example,
     get_template,
+    load_beir,
     read_examples,
     shape_group,
     tokenize_examples,
@@ -208,16 +210,118 @@ def test_beir_folder(tmp_path):
 
 
 def test_beir_bad_rows(tmp_path):
-    root = _write_beir(tmp_path / "beir", "q1\td0\t1\nq1\tghost\t1\nq1\td2\tmaybe\n2\td1\t0\n")
+    """Training reads a BEIR folder through the one BEIR loader: what the loader drops is
+    dropped and counted, what it rejects stays an error, a query's own problem is a bad record."""
+    root = _write_beir(tmp_path / "beir", "q1\td0\t1\nq1\tghost\t1\n2\td1\t0\n")
     qrels = root / "qrels" / "test.tsv"
-    with pytest.raises(DataError) as info:
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(str(qrels))}: line 4: field 'score': query '2' has no judgement above 0$"
+    ):
         read_examples(root)
-    msg = str(info.value)
-    assert str(qrels) in msg and "line 3" in msg and "'corpus-id'" in msg and "ghost" in msg
     examples, stats = read_examples(root, skip_bad_records=True)
-    # ghost doc, non-numeric score, and query 2 with no judgement above 0
-    assert stats.skipped == {"unknown_id": 1, "bad_label": 1, "no_positive": 1}
-    assert [e.query for e in examples] == ["first query"]
+    # the ghost judgement is the loader's drop (counted either way); query 2 is a skipped record
+    assert stats.skipped == {"qrels_doc_not_in_corpus": 1, "no_positive": 1}
+    assert [e.query for e in examples] == ["first query"] and examples[0].labels == [1.0, 0.0]
+    # a malformed row is an error whatever skip_bad_records says: the collection is read whole
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\nq1\td2\tmaybe\n")
+    for skip in (False, True):
+        with pytest.raises(
+            DataError, match=rf"^{re.escape(str(qrels))}: line 3: field 'score': 'maybe' is not an integer$"
+        ):
+            read_examples(root, skip_bad_records=skip)
+    # stage 1's pairs: a graded judgement is a bad record naming its line
+    (root / "qrels" / "test.tsv").write_text("q1\td0\t1\nq1\td3\t2\n2\td1\t1\n")
+    with pytest.raises(
+        DataError, match=rf"^{re.escape(str(qrels))}: line 2: field 'score': stage 1 needs binary labels 0/1, got 2"
+    ):
+        read_examples(root, binary_labels=True)
+    examples, stats = read_examples(root, binary_labels=True, skip_bad_records=True)
+    assert [e.query for e in examples] == ["second query"] and stats.skipped == {"non_binary_label": 1}
+
+
+def test_beir_qrels_layouts_and_default_split(tmp_path):
+    # TREC qrels (query-id iteration corpus-id score, space-separated, no header): both paths
+    root = _write_beir(tmp_path / "trec", "")
+    (root / "qrels" / "test.tsv").write_text("q1 0 d0 1\nq1 0 d3 2\n2 0 d7 1\n")
+    assert load_beir(root).qrels == {"q1": {"d0": 1, "d3": 2}, "2": {"d7": 1}}
+    examples, _ = read_examples(root, group_size=3, seed=1)
+    assert [e.labels[0] for e in examples] == [2.0, 1.0] and examples[0].docs[0] == "document number 3"
+    # one layout per file: a 3-field row in a 4-field file is an error, not another layout
+    (root / "qrels" / "test.tsv").write_text("q1 0 d0 1\nq1 d3 2\n")
+    with pytest.raises(
+        DataError,
+        match=r"test\.tsv: line 2: expected 4 fields \(query-id, iteration, corpus-id, score\) as at line 1, got 3",
+    ):
+        read_examples(root)
+    # a first line is a header only when its last field is not a number
+    (root / "qrels" / "test.tsv").write_text("q1 0 d0 0.5\n")
+    with pytest.raises(DataError, match=r"test\.tsv: line 1: field 'score': '0\.5' is not an integer"):
+        load_beir(root)
+    # without a split: training's order (train, else dev, else test); evaluation names test
+    root = _write_beir(tmp_path / "splits", "q1\td0\t1\n")
+    (root / "qrels" / "train.tsv").write_text("2\td7\t1\n")
+    assert [e.query for e in read_examples(root)[0]] == ["second query"]
+    assert list(load_beir(root, split=None).qrels) == ["2"] and list(load_beir(root).qrels) == ["q1"]
+    assert [e.query for e in read_examples(f"{root}:test")[0]] == ["first query"]
+    (root / "qrels" / "train.tsv").rename(root / "qrels" / "other.tsv")
+    (root / "qrels" / "test.tsv").rename(root / "qrels" / "more.tsv")
+    with pytest.raises(
+        DataError, match=r"no split named and none of train, dev, test present; name one of: more, other"
+    ):
+        read_examples(root)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("space_in_doc_id", r"corpus\.jsonl: line 2: field '_id': 'd 1' is empty or contains whitespace"),
+        ("space_in_qrels_id", r"test\.tsv: line 2: field 'corpus-id': 'd 0' is empty or contains whitespace"),
+        ("float_score", r"test\.tsv: line 3: field 'score': '0\.5' is not an integer"),
+        ("duplicate_doc", r"corpus\.jsonl: line 13: field '_id': duplicate document id 'd0' \(first at line 1\)"),
+        ("judged_query_absent", r"test\.tsv: line 3: field 'query-id': query id 'q9' is judged but absent"),
+        ("empty_judged_query", r"queries\.jsonl: line 1: field 'text': query 'q1' is empty"),
+    ],
+)
+def test_beir_training_and_evaluation_reject_the_same(tmp_path, case, expected):
+    """One loader, one set of rules: what evaluation rejects, training rejects with the same
+    message, skip_bad_records or not (an id with whitespace, a fractional score, ...)."""
+    qrels = {
+        "space_in_qrels_id": "q1\td 0\t1\n",
+        "float_score": "q1\td0\t1\nq1\td1\t0.5\n",
+        "judged_query_absent": "q1\td0\t1\nq9\td1\t1\n",
+    }.get(case, "q1\td0\t1\n2\td1\t1\n")
+    root = _write_beir(tmp_path / case, qrels)
+    if case == "space_in_doc_id":
+        corpus = (root / "corpus.jsonl").read_text().splitlines()
+        corpus[1] = json.dumps({"_id": "d 1", "text": "spaced"})
+        (root / "corpus.jsonl").write_text("\n".join(corpus) + "\n")
+    elif case == "duplicate_doc":
+        with open(root / "corpus.jsonl", "a") as f:
+            f.write(json.dumps({"_id": "d0", "text": "again"}) + "\n")
+    elif case == "empty_judged_query":
+        _jsonl(root / "queries.jsonl", [{"_id": "q1", "text": " "}, {"_id": 2, "text": "second query"}])
+    messages = []
+    for read in (load_beir, read_examples, lambda r: read_examples(r, skip_bad_records=True, group_size=4)):
+        with pytest.raises(DataError, match=expected) as err:
+            read(root)
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1 and messages[0].startswith(str(root))
+
+
+def test_beir_training_and_evaluation_drop_the_same(tmp_path):
+    """Judgements of absent documents and repeated rows: dropped and counted by both paths,
+    and the training examples are built from exactly the judgements evaluation keeps."""
+    root = _write_beir(tmp_path / "beir", "q1\td0\t1\nq1\tghost\t1\nq1\td0\t1\n2\td7\t2\n2\tghost2\t1\n2\td4\t0\n")
+    data = load_beir(root)
+    assert data.skipped == {"qrels_doc_not_in_corpus": 2, "qrels_repeated_row": 1}
+    assert data.qrels == {"q1": {"d0": 1}, "2": {"d7": 2, "d4": 0}}
+    for skip in (False, True):
+        examples, stats = read_examples(root, skip_bad_records=skip)
+        assert stats.skipped == data.skipped and stats.records == 12 + 2 + 6
+        assert [e.query for e in examples] == [data.queries[q] for q in data.qrels]
+        for ex, judged in zip(examples, data.qrels.values(), strict=True):
+            labelled = {doc: label for doc, label in zip(ex.docs, ex.labels, strict=True)}
+            assert {data.corpus[d]: float(r) for d, r in judged.items()}.items() <= labelled.items()
 
 
 def test_hf_json_and_saved_dataset(tmp_path):

@@ -126,7 +126,7 @@ def test_run_file_checked_against_the_corpus(beir, tmp_path):
     data = load_beir(beir)
     path = tmp_path / "run.trec"
     path.write_text("q1 Q0 d1 1 2.0 t\nq1 Q0 ghost 2 1.0 t\n")
-    with pytest.raises(BeirFormatError, match=r"run\.trec line 2: field 'docid': 'ghost' \(query 'q1'\) is not in"):
+    with pytest.raises(BeirFormatError, match=r"run\.trec:? line 2: field 'docid': 'ghost' \(query 'q1'\) is not in"):
         read_trec_run(path, corpus=data.corpus)
     assert read_trec_run(path) == {"q1": {"d1": 2.0, "ghost": 1.0}}  # without a corpus: read as it is
     with pytest.raises(BeirFormatError, match=r"nope\.trec: run file not found"):
@@ -222,16 +222,16 @@ def test_hf_collection_bad_input(tmp_path):
 
     assert "qrels: not found" in bad("no_qrels")
     msg = bad("dup_doc", corpus=lambda rows: [*rows, {"_id": "d1", "title": "", "text": "again"}])
-    assert msg.startswith(f"{tmp_path / 'dup_doc'} [corpus, split 'train'] row 7: field '_id': duplicate document id")
+    assert msg.startswith(f"{tmp_path / 'dup_doc'} [corpus, split 'train']: row 7: field '_id': duplicate document id")
     assert "(first at row 0)" in msg
     msg = bad("dup_query", queries=lambda rows: [rows[0], {"_id": "q1", "text": "again"}, *rows[1:]])
-    assert "[queries, split 'train'] row 1: field '_id': duplicate query id 'q1'" in msg
+    assert "[queries, split 'train']: row 1: field '_id': duplicate query id 'q1'" in msg
     msg = bad("empty_query", queries=lambda rows: [rows[0], {"_id": "q2", "text": "  "}, rows[2]])
-    assert "[queries, split 'train'] row 1: field 'text': query 'q2' is empty" in msg
+    assert "[queries, split 'train']: row 1: field 'text': query 'q2' is empty" in msg
     msg = bad("no_corpus_id", qrels=lambda rows: [{"query-id": r["query-id"], "doc": r["corpus-id"]} for r in rows])
-    assert "[qrels, split 'train']: field 'corpus-id' missing (columns: query-id, doc)" in msg
+    assert "[qrels, split 'train']: field 'corpus-id': missing (columns: query-id, doc)" in msg
     msg = bad("space_id", qrels=lambda rows: [*rows, {"query-id": "q1", "corpus-id": "d 9"}])
-    assert "[qrels, split 'train'] row 4: field 'corpus-id': 'd 9' is empty or contains whitespace" in msg
+    assert "[qrels, split 'train']: row 4: field 'corpus-id': 'd 9' is empty or contains whitespace" in msg
     # Judgements of absent documents: counted and dropped, as from a BEIR folder.
     ghost = _hf_tables()
     ghost["qrels"].append({"query-id": "q1", "corpus-id": "ghost"})
@@ -297,13 +297,13 @@ def test_cli_counts_and_prints_skips(tmp_path, fake_model, capsys):
     "case, expected",
     [
         ("missing_qrels", r"qrels/test\.tsv: qrels file for split 'test' not found; splits present: dev"),
-        ("duplicate_doc", r"corpus\.jsonl line 3: field '_id': duplicate document id 'd1'"),
-        ("duplicate_query", r"queries\.jsonl line 2: field '_id': duplicate query id 'q1'"),
-        ("empty_query", r"queries\.jsonl \(line 2\): field 'text': query 'q2' is empty"),
-        ("run_doc_absent", r"run\.trec line 2: field 'docid': 'ghost' \(query 'q1'\) is not in the corpus"),
+        ("duplicate_doc", r"corpus\.jsonl: line 3: field '_id': duplicate document id 'd1'"),
+        ("duplicate_query", r"queries\.jsonl: line 2: field '_id': duplicate query id 'q1'"),
+        ("empty_query", r"queries\.jsonl: line 2: field 'text': query 'q2' is empty"),
+        ("run_doc_absent", r"run\.trec:? line 2: field 'docid': 'ghost' \(query 'q1'\) is not in the corpus"),
         ("run_missing", r"run\.trec: run file not found"),
         ("run_other_queries", r"run\.trec: none of the run's 1 queries is a judged query"),
-        ("run_bad_score", r"run\.trec line 1: field 'score': 'high' is not a number"),
+        ("run_bad_score", r"run\.trec:? line 1: field 'score': 'high' is not a number"),
     ],
 )
 def test_cli_bad_input_fails_before_the_model(tmp_path, fake_model, case, expected):

@@ -8,7 +8,8 @@ demo.py      the generated demo collection and its tokenizer
 """
 
 from ..errors import BeirFormatError, DataError
-from .beir import BeirData, Qrels, Run, load_beir, load_collection, load_hf_beir
+from .beir import BeirData, Qrels, Run, load_beir
+from .nanobeir import load_collection, load_hf_beir
 from .readers import FORMATS, read_examples, shape_group
 from .records import Example, ReadStats, iter_jsonl
 from .templates import TEMPLATES, PromptTemplate, TokenizedGroup, get_template, tokenize_examples

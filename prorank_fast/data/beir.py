@@ -1,29 +1,42 @@
 """The one BEIR / NanoBEIR loader: a folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or
 a `datasets` collection in NanoBEIR's layout, cleaned by one set of rules. Training
-(data.readers) and evaluation both read collections through it.
+(data.readers builds its Examples from :func:`read_beir_folder`) and evaluation
+(:func:`load_beir`, :func:`load_collection`) read collections through it, so a collection
+that one accepts the other accepts, cleaned the same way.
 
 Shapes (plain dicts, as pytrec_eval and ir-measures take them):
 
 - corpus:  ``dict[str, str]``              doc id -> text ("title text", title may be empty)
 - queries: ``dict[str, str]``              query id -> text
 - qrels:   ``dict[str, dict[str, int]]``   query id -> {doc id: graded relevance}
-- run:     ``dict[str, dict[str, float]]`` query id -> {doc id: score}; higher is better."""
+- run:     ``dict[str, dict[str, float]]`` query id -> {doc id: score}; higher is better.
+
+Errors are :class:`~prorank_fast.errors.DataError` (``BeirFormatError`` is the same class),
+worded as every data error is: ``"<file>: line <n>: field '<name>': <what>"`` (1-based lines
+of text files), ``"<dataset> [<subset>, split '<s>']: row <i>: field '<name>': <what>"``
+(0-based rows of `datasets` tables), or ``"<file>: <what>"`` for a whole-file problem."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import BeirFormatError
-from .records import iter_jsonl
+from .records import Loc, iter_jsonl, type_name
 
 Run = dict[str, dict[str, float]]
 
 
 Qrels = dict[str, dict[str, int]]
+
+
+# The split a folder read without one uses (the training reader's default): the first of
+# these that has a qrels file, else the only qrels file.
+DEFAULT_SPLITS = ("train", "dev", "test")
 
 
 @dataclass
@@ -63,12 +76,11 @@ class BeirData:
         Raises:
             BeirFormatError: a judged query without text, or an empty query text.
         """
-        return _clean(
+        return clean_collection(
             dict(corpus),
             dict(queries),
             {q: dict(d) for q, d in qrels.items()},
             source=source,
-            query_lines=None,
             qrels_name=f"{source} qrels",
             queries_name=f"{source} queries",
         )
@@ -96,19 +108,57 @@ class BeirData:
         )
 
 
-def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
+@dataclass
+class BeirFolder:
+    """What :func:`read_beir_folder` read: the cleaned collection and where its parts came
+    from, for readers that name a record (the training reader's Example.source and errors).
+
+    Attributes:
+        data: the collection, exactly what :func:`load_beir` returns.
+        split: the qrels split read (the one chosen when none was named).
+        query_locs: query id -> its line in queries.jsonl (the kept queries).
+        qrels_lines: (query id, doc id) -> its line in the qrels file (the kept judgements).
+        records: corpus lines + query lines + qrels rows read (header and blank lines not).
+    """
+
+    data: BeirData
+    split: str
+    query_locs: dict[str, Loc]
+    qrels_lines: dict[tuple[str, str], Loc]
+    records: int
+
+    def first_qrels_loc(self, qid: str) -> Loc:
+        """The first qrels line that judges ``qid`` (a kept judgement)."""
+        return min((self.qrels_lines[qid, did] for did in self.data.qrels[qid]), key=lambda loc: loc.index)
+
+
+def load_beir(folder: str | os.PathLike, split: str | None = "test") -> BeirData:
     """Read a BEIR folder: ``corpus.jsonl`` ({_id, title?, text}), ``queries.jsonl``
-    ({_id, text}) and ``qrels/<split>.tsv`` (query-id, corpus-id, score; tab-separated,
-    one header line).
+    ({_id, text}) and ``qrels/<split>.tsv``.
 
-    Kept: the queries that have judgements in ``split``. Ids are strings (JSON numbers are
-    converted). Extra JSON fields are ignored.
+    The rules (the same for training, which reads folders through :func:`read_beir_folder`):
 
-    Errors (:class:`BeirFormatError`, a ValueError, naming file, line and field): a
-    missing file (the message lists the splits that exist), invalid JSON, a missing or
-    mistyped field, a duplicate id in the corpus or the queries, a qrels row that is not
-    3 fields or whose score is not an integer, two different scores for one (query, doc)
-    pair, an empty text for a judged query, a judged query absent from queries.jsonl.
+    - Split: ``split`` names ``qrels/<split>.tsv``; ``None`` takes the first of train, dev,
+      test that exists, else the only qrels file (training's default; evaluation's is test).
+    - Qrels rows: ``query-id, corpus-id, score`` (BEIR) or ``query-id, iteration,
+      corpus-id, score`` (TREC qrels, the iteration ignored), tab-separated or, failing
+      that, whitespace-separated; every row of a file has the layout of its first row. The
+      first non-blank line is a header when its last field is not a number. Scores are
+      integers (graded relevance; negative values allowed, as in some TREC qrels).
+    - Ids are strings (JSON integers are converted) without whitespace: TREC run files are
+      whitespace-separated, so such an id could never round-trip through a run.
+    - Kept: the queries that have judgements in the split. Extra JSON fields are ignored.
+      Text is stripped; a document is ``"title text"`` (just one of them when the other is
+      empty).
+
+    Errors (:class:`BeirFormatError`, a ValueError, naming file, line and field, e.g.
+    ``"corpus.jsonl: line 3: field '_id': duplicate document id 'd1' (first at line 1)"``):
+    a missing file (the message lists the splits that exist), invalid JSON, a missing or
+    mistyped field, an id that is empty or has whitespace, a duplicate id in the corpus or
+    the queries, a qrels row with a wrong number of fields or a score that is not an
+    integer, two different scores for one (query, doc) pair, an empty text for a judged
+    query, a judged query absent from queries.jsonl. These are errors for training too,
+    whatever ``skip_bad_records`` says: a collection is read whole or not at all.
 
     Counted in ``warnings`` / ``skipped`` and dropped, never used silently: judgements of
     documents absent from the corpus (and queries left without judgements by that),
@@ -119,176 +169,246 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
     Returns:
         BeirData with ``source`` set to the folder.
     """
+    return read_beir_folder(folder, split).data
+
+
+def read_beir_folder(folder: str | os.PathLike, split: str | None = "test") -> BeirFolder:
+    """:func:`load_beir`'s reader (the same rules, the same result in ``.data``), with the
+    split chosen and the lines where each kept query and judgement were read."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise BeirFormatError(f"{folder}: not a directory (expected a BEIR folder)")
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
-        raise BeirFormatError(
-            f"{qrels_path}: qrels file for split {split!r} not found"
-            + (f"; splits present: {', '.join(found)}" if found else "; no qrels/*.tsv in this folder")
-        )
+        raise BeirFormatError(f"{folder}: not a directory (expected a BEIR folder)", reason="io")
+    qrels_path = _qrels_path(folder, split)
     for name in ("corpus.jsonl", "queries.jsonl"):
         if not (folder / name).is_file():
-            raise BeirFormatError(f"{folder / name}: file not found (a BEIR folder has corpus.jsonl, queries.jsonl)")
+            raise BeirFormatError(
+                f"{folder / name}: file not found (a BEIR folder has corpus.jsonl, queries.jsonl, qrels/)",
+                reason="io",
+            )
 
     warnings: list[str] = []
     skipped: dict[str, int] = {}
-    qrels = _read_qrels(qrels_path, warnings, skipped)
+    qrels, qrels_lines, records = _read_qrels(qrels_path, warnings, skipped)
 
     queries: dict[str, str] = {}
-    query_lines: dict[str, int] = {}
+    query_locs: dict[str, Loc] = {}
+    seen: dict[str, int] = {}
     empty_other = 0
     queries_path = folder / "queries.jsonl"
-    for lineno, rec in _iter_jsonl(queries_path):
-        qid = _str_field(rec, "_id", queries_path, lineno)
-        text = _str_field(rec, "text", queries_path, lineno, allow_empty=True)
-        if qid in query_lines:
-            raise BeirFormatError(
-                f"{queries_path} line {lineno}: field '_id': duplicate query id {qid!r} "
-                f"(first at line {query_lines[qid]})"
-            )
-        query_lines[qid] = lineno
+    for loc, rec in iter_jsonl(queries_path):
+        records += 1
+        qid = id_value(rec.get("_id"), loc, "_id")
+        text = text_value(rec.get("text"), loc, "text")
+        if qid in seen:
+            raise loc.error("_id", f"duplicate query id {qid!r} (first at line {seen[qid]})", "duplicate_id")
+        seen[qid] = loc.index
         if qid not in qrels:
-            if not text.strip():
-                empty_other += 1
+            empty_other += not text.strip()
             continue  # another split's query: not kept, not an error
-        queries[qid] = text.strip()
+        queries[qid] = text
+        query_locs[qid] = loc
     if empty_other:
         skipped["empty_query_outside_split"] = empty_other
-        warnings.append(f"{queries_path}: {empty_other} empty queries without judgements in {split!r} ignored")
+        warnings.append(
+            f"{queries_path}: {empty_other} empty queries without judgements in {qrels_path.stem!r} ignored"
+        )
 
     corpus: dict[str, str] = {}
     corpus_path = folder / "corpus.jsonl"
-    for lineno, rec in _iter_jsonl(corpus_path):
-        did = _str_field(rec, "_id", corpus_path, lineno)
-        text = _str_field(rec, "text", corpus_path, lineno, allow_empty=True)
-        title = _str_field(rec, "title", corpus_path, lineno, allow_empty=True, default="")
+    for loc, rec in iter_jsonl(corpus_path):
+        records += 1
+        did = id_value(rec.get("_id"), loc, "_id")
+        text = text_value(rec.get("text"), loc, "text").strip()
+        title = text_value(rec.get("title"), loc, "title", default="").strip()
         if did in corpus:
-            first = next(n for n, r in _iter_jsonl(corpus_path) if str(r.get("_id")) == did)
-            raise BeirFormatError(
-                f"{corpus_path} line {lineno}: field '_id': duplicate document id {did!r} (first at line {first})"
-            )
-        title, text = title.strip(), text.strip()
+            # found again rather than kept for every document: corpora have millions
+            first = next(n.index for n, r in iter_jsonl(corpus_path) if str(r.get("_id")) == did)
+            raise loc.error("_id", f"duplicate document id {did!r} (first at line {first})", "duplicate_id")
         corpus[did] = f"{title} {text}" if title and text else (title or text)
 
-    return _clean(
+    data = clean_collection(
         corpus,
         queries,
         qrels,
         source=str(folder),
-        query_lines=query_lines,
         qrels_name=str(qrels_path),
         queries_name=str(queries_path),
+        query_locs=query_locs,
+        qrels_locs={q: min((qrels_lines[q, d] for d in judged), key=lambda x: x.index) for q, judged in qrels.items()},
         warnings=warnings,
         skipped=skipped,
     )
+    kept_lines = {(q, d): qrels_lines[q, d] for q, judged in data.qrels.items() for d in judged}
+    kept_locs = {q: query_locs[q] for q in data.queries}
+    return BeirFolder(data, qrels_path.stem, kept_locs, kept_lines, records)
 
 
-def _iter_jsonl(path: Path):
-    """(line number, record) through the one JSONL reader (data.records)."""
-    for loc, rec in iter_jsonl(path):
-        yield loc.index, rec
+def _qrels_path(folder: Path, split: str | None) -> Path:
+    qrels_dir = folder / "qrels"
+    found = sorted(p.stem for p in qrels_dir.glob("*.tsv")) if qrels_dir.is_dir() else []
+    if split is None:
+        preferred = [s for s in DEFAULT_SPLITS if s in found]
+        if preferred or len(found) == 1:
+            split = (preferred or found)[0]
+        elif not found:
+            raise BeirFormatError(f"{qrels_dir}: no qrels/<split>.tsv in this folder", reason="io")
+        else:
+            raise BeirFormatError(
+                f"{qrels_dir}: no split named and none of {', '.join(DEFAULT_SPLITS)} present; "
+                f"name one of: {', '.join(found)}",
+                reason="io",
+            )
+    path = qrels_dir / f"{split}.tsv"
+    if not path.is_file():
+        raise BeirFormatError(
+            f"{path}: qrels file for split {split!r} not found"
+            + (f"; splits present: {', '.join(found)}" if found else "; no qrels/*.tsv in this folder"),
+            reason="io",
+        )
+    return path
 
 
 _MISSING = object()
 
 
-def _str_field(rec: dict, key: str, path: Path, lineno: int, *, allow_empty: bool = False, default: Any = _MISSING):
-    value = rec.get(key, _MISSING)
-    if value is _MISSING or value is None:
-        if default is not _MISSING:
-            return default
-        raise BeirFormatError(f"{path} line {lineno}: field {key!r} missing")
-    if key == "_id" and isinstance(value, int) and not isinstance(value, bool):
+def id_value(value: Any, loc: Loc, name: str) -> str:
+    """An id: a string (a JSON integer is converted) without whitespace, not empty."""
+    if value is None:
+        raise loc.error(name, "missing", "missing_field")
+    if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise BeirFormatError(f"{path} line {lineno}: field {key!r} must be a string, got {type(value).__name__}")
-    if key == "_id" and (not value or value != value.strip() or any(c.isspace() for c in value)):
+        raise loc.error(name, f"expected a string, got {type_name(value)}", "wrong_type")
+    if not value or any(c.isspace() for c in value):
         # TREC run files are whitespace-separated: such an id could never round-trip.
-        raise BeirFormatError(f"{path} line {lineno}: field '_id': {value!r} is empty or contains whitespace")
-    if not allow_empty and not value.strip():
-        raise BeirFormatError(f"{path} line {lineno}: field {key!r} is empty")
+        raise loc.error(name, f"{value!r} is empty or contains whitespace", "bad_id")
     return value
 
 
-def _read_qrels(path: Path, warnings: list[str], skipped: dict[str, int]) -> Qrels:
-    qrels: Qrels = {}
-    where: dict[tuple[str, str], int] = {}
-    repeated = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                parts = line.split()  # tolerate space-separated files, but still 3 fields
-            if len(parts) != 3:
-                raise BeirFormatError(
-                    f"{path} line {lineno}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                    f"got {len(parts)}: {line[:80]!r}"
-                )
-            qid, did, score = (p.strip() for p in parts)
-            if lineno == 1 and not _is_int(score):
-                continue  # the header line ("query-id corpus-id score")
-            for name, value in (("query-id", qid), ("corpus-id", did)):
-                if not value or any(c.isspace() for c in value):
-                    raise BeirFormatError(f"{path} line {lineno}: field {name!r}: {value!r} is empty or has whitespace")
-            if not _is_int(score):
-                raise BeirFormatError(f"{path} line {lineno}: field 'score': {score!r} is not an integer")
-            rel = int(score)
-            prev = qrels.setdefault(qid, {}).get(did)
-            if prev is not None:
-                if prev != rel:
-                    raise BeirFormatError(
-                        f"{path} line {lineno}: field 'score': ({qid}, {did}) judged {rel} here and {prev} "
-                        f"at line {where[qid, did]}"
-                    )
-                repeated += 1
-                continue
-            qrels[qid][did] = rel
-            where[qid, did] = lineno
-    if not qrels:
-        raise BeirFormatError(f"{path}: no judgements")
-    if repeated:
-        skipped["qrels_repeated_row"] = repeated
-        warnings.append(f"{path}: {repeated} repeated identical rows ignored")
-    return qrels
+def text_value(value: Any, loc: Loc, name: str, *, default: Any = _MISSING) -> str:
+    """A text field, empty allowed (the callers decide what an empty text means)."""
+    if value is None:
+        if default is not _MISSING:
+            return default
+        raise loc.error(name, "missing", "missing_field")
+    if not isinstance(value, str):
+        raise loc.error(name, f"expected a string, got {type_name(value)}", "wrong_type")
+    return value
 
 
-def _is_int(s: str) -> bool:
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def is_int(s: str) -> bool:
+    return _INT.fullmatch(s.strip()) is not None
+
+
+def _is_number(s: str) -> bool:
     try:
-        int(s)
+        float(s)
     except ValueError:
         return False
     return True
 
 
-def _clean(
+_QRELS_FIELDS = {3: ("query-id", "corpus-id", "score"), 4: ("query-id", "iteration", "corpus-id", "score")}
+
+
+def _read_qrels(
+    path: Path, warnings: list[str], skipped: dict[str, int]
+) -> tuple[Qrels, dict[tuple[str, str], Loc], int]:
+    """(qrels, (query id, doc id) -> line, rows read); see :func:`load_beir` for the layout."""
+    qrels: Qrels = {}
+    lines: dict[tuple[str, str], Loc] = {}
+    repeated = rows = 0
+    width = first_row = None  # the layout (3 or 4 fields), fixed by the first row
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise BeirFormatError(f"{path}: cannot open: {exc}", reason="io") from exc
+    with handle:
+        seen_first = False
+        for lineno, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) not in _QRELS_FIELDS:
+                parts = line.split()  # space-separated files (TREC's own layout)
+            if not seen_first:
+                seen_first = True
+                if len(parts) in _QRELS_FIELDS and not _is_number(parts[-1]):
+                    continue  # the header line ("query-id corpus-id score")
+            loc = Loc(str(path), lineno)
+            rows += 1
+            if width is None and len(parts) in _QRELS_FIELDS:
+                width, first_row = len(parts), lineno
+            if len(parts) != width:
+                expected = (
+                    f"{width} fields ({', '.join(_QRELS_FIELDS[width])}) as at line {first_row}"
+                    if width
+                    else "3 tab-separated fields (query-id, corpus-id, score) or 4 (TREC: query-id, iteration, "
+                    "corpus-id, score)"
+                )
+                raise loc.error(None, f"expected {expected}, got {len(parts)}: {line[:80]!r}", "bad_row")
+            values = dict(zip(_QRELS_FIELDS[width], (p.strip() for p in parts), strict=True))
+            qid = id_value(values["query-id"], loc, "query-id")
+            did = id_value(values["corpus-id"], loc, "corpus-id")
+            score = values["score"]
+            if not is_int(score):
+                raise loc.error("score", f"{score!r} is not an integer", "bad_label")
+            rel = int(score)
+            prev = qrels.setdefault(qid, {}).get(did)
+            if prev is not None:
+                if prev != rel:
+                    raise loc.error(
+                        "score",
+                        f"({qid}, {did}) judged {rel} here and {prev} at line {lines[qid, did].index}",
+                        "conflicting_label",
+                    )
+                repeated += 1
+                continue
+            qrels[qid][did] = rel
+            lines[qid, did] = loc
+    if not qrels:
+        raise BeirFormatError(f"{path}: no judgements", reason="io")
+    if repeated:
+        skipped["qrels_repeated_row"] = repeated
+        warnings.append(f"{path}: {repeated} repeated identical rows ignored")
+    return qrels, lines, rows
+
+
+def clean_collection(
     corpus: dict[str, str],
     queries: dict[str, str],
     qrels: Qrels,
     *,
     source: str,
-    query_lines: dict[str, int] | None,
     qrels_name: str,
     queries_name: str,
+    query_locs: Mapping[str, Loc] | None = None,
+    qrels_locs: Mapping[str, Loc] | None = None,
     warnings: list[str] | None = None,
     skipped: dict[str, int] | None = None,
 ) -> BeirData:
     """The checks shared by every way in: judged queries need text; judgements of absent
-    documents are dropped and counted; queries restricted to the judged ones."""
+    documents are dropped and counted; queries restricted to the judged ones. ``query_locs``
+    / ``qrels_locs`` (query id -> its line or row, the first judging it) name the record in
+    errors where known."""
     warnings = [] if warnings is None else warnings
     skipped = {} if skipped is None else skipped
 
     for qid in qrels:
-        where = f" (line {query_lines[qid]})" if query_lines and qid in query_lines else ""
         if qid not in queries:
-            raise BeirFormatError(f"{qrels_name}: query id {qid!r} is judged but absent from {queries_name}")
+            message = f"query id {qid!r} is judged but absent from {queries_name}"
+            if qrels_locs and qid in qrels_locs:
+                raise qrels_locs[qid].error("query-id", message, "unknown_id")
+            raise BeirFormatError(f"{qrels_name}: {message}", reason="unknown_id")
         if not isinstance(queries[qid], str) or not queries[qid].strip():
-            raise BeirFormatError(f"{queries_name}{where}: field 'text': query {qid!r} is empty")
+            message = f"query {qid!r} is empty"
+            if query_locs and qid in query_locs:
+                raise query_locs[qid].error("text", message, "empty_text")
+            raise BeirFormatError(f"{queries_name}: field 'text': {message}", field="text", reason="empty_text")
 
     empty_docs = sum(1 for t in corpus.values() if not t.strip())
     if empty_docs:
@@ -320,7 +440,7 @@ def _clean(
         skipped["query_without_judged_docs"] = len(lost)
         warnings.append(f"{qrels_name}: {len(lost)} queries lost every judgement that way and were dropped")
     if not cleaned:
-        raise BeirFormatError(f"{qrels_name}: no judgement names a document of the corpus")
+        raise BeirFormatError(f"{qrels_name}: no judgement names a document of the corpus", reason="unknown_id")
 
     no_relevant = sum(1 for judged in cleaned.values() if max(judged.values()) <= 0)
     if no_relevant:
@@ -335,229 +455,3 @@ def _clean(
         skipped=skipped,
         source=source,
     )
-
-
-_HF_SUBSETS = ("corpus", "queries", "qrels")
-
-
-_SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
-
-
-_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-
-
-def load_collection(spec: str | os.PathLike, split: str | None = None) -> BeirData:
-    """An evaluation collection from a BEIR folder or a `datasets` collection.
-
-    Args:
-        spec: a BEIR folder (:func:`load_beir`); ``hf:<hub name>`` (e.g.
-            ``hf:zeta-alpha-ai/NanoMSMARCO``) or ``hf:<local folder>`` in the NanoBEIR layout
-            (:func:`load_hf_beir`). A folder with ``corpus/``, ``queries/`` and ``qrels/``
-            sub-folders and no ``corpus.jsonl`` is read as the latter without the prefix.
-        split: the qrels split; None: "test" for a BEIR folder, see :func:`load_hf_beir`
-            for a `datasets` collection.
-
-    Raises:
-        BeirFormatError: as the loader called.
-    """
-    spec = str(spec)
-    if spec.startswith("hf:"):
-        return load_hf_beir(spec[3:], split)
-    path = Path(spec)
-    if path.is_dir() and not (path / "corpus.jsonl").exists() and all((path / s).is_dir() for s in _HF_SUBSETS):
-        return load_hf_beir(spec, split)
-    return load_beir(path, split or "test")
-
-
-def load_hf_beir(name: str, split: str | None = None) -> BeirData:
-    """Read a collection laid out as NanoBEIR is on the hub (``zeta-alpha-ai/NanoMSMARCO``):
-    three subsets (configs), ``corpus`` (``_id``, ``text``, ``title``?), ``queries``
-    (``_id``, ``text``) and ``qrels`` (``query-id``, ``corpus-id``, ``score``?). Without a
-    ``score`` column every row judges its document relevant (1): NanoBEIR's qrels have none.
-
-    ``name`` is a hub name (``datasets.load_dataset(name, subset)``: needs the network or
-    the datasets cache) or a local folder with one sub-folder per subset, each a
-    ``save_to_disk`` folder or data files named as on the hub
-    (``<split>-00000-of-00001.parquet``, ``<split>.jsonl``: the split is the file name up
-    to its first "-" or ".").
-
-    Splits: qrels use ``split`` (an error listing the splits when it is absent); with
-    ``split=None``, their only split, else "test". corpus and queries: the same split name
-    if they have it, else their only split (NanoBEIR has one, "train", everywhere).
-
-    Same checks, cleaning and counters as :func:`load_beir`; errors (BeirFormatError) name
-    the dataset, the subset, the split, the row (0-based, as `datasets` indexes rows) and
-    the field.
-    """
-    local = Path(name).expanduser()
-    if not local.is_dir() and name.startswith((".", "/", "~")):
-        raise BeirFormatError(f"{name}: no such folder (a `datasets` collection: corpus/, queries/, qrels/)")
-    folder = local if local.is_dir() else None
-
-    qrels_ds, qrels_split = _pick_split(_load_hf_subset(name, "qrels", folder), name, "qrels", split)
-    tables = {"qrels": (qrels_ds, qrels_split)}
-    for subset in ("corpus", "queries"):
-        loaded = _load_hf_subset(name, subset, folder)
-        tables[subset] = _pick_split(loaded, name, subset, qrels_split, required=False)
-    where = {s: f"{name} [{s}" + (f", split {sp!r}" if sp else "") + "]" for s, (_, sp) in tables.items()}
-
-    warnings: list[str] = []
-    skipped: dict[str, int] = {}
-    cols = _hf_columns(qrels_ds, where["qrels"], ("query-id", "corpus-id"), ("score",))
-    scores = cols.get("score")
-    qrels: Qrels = {}
-    first_row: dict[tuple[str, str], int] = {}
-    repeated = 0
-    for i, (raw_q, raw_d) in enumerate(zip(cols["query-id"], cols["corpus-id"], strict=True)):
-        qid = _hf_id(raw_q, where["qrels"], i, "query-id")
-        did = _hf_id(raw_d, where["qrels"], i, "corpus-id")
-        rel = 1 if scores is None else _hf_int(scores[i], where["qrels"], i, "score")
-        prev = qrels.setdefault(qid, {}).get(did)
-        if prev is not None:
-            if prev != rel:
-                raise BeirFormatError(
-                    f"{where['qrels']} row {i}: field 'score': ({qid}, {did}) judged {rel} here and {prev} "
-                    f"at row {first_row[qid, did]}"
-                )
-            repeated += 1
-            continue
-        qrels[qid][did] = rel
-        first_row[qid, did] = i
-    if not qrels:
-        raise BeirFormatError(f"{where['qrels']}: no judgements")
-    if repeated:
-        skipped["qrels_repeated_row"] = repeated
-        warnings.append(f"{where['qrels']}: {repeated} repeated identical rows ignored")
-
-    cols = _hf_columns(tables["queries"][0], where["queries"], ("_id", "text"), ())
-    queries: dict[str, str] = {}
-    rows: dict[str, int] = {}
-    empty_other = 0
-    for i, (raw_id, raw_text) in enumerate(zip(cols["_id"], cols["text"], strict=True)):
-        qid = _hf_id(raw_id, where["queries"], i, "_id")
-        if qid in rows:
-            raise BeirFormatError(
-                f"{where['queries']} row {i}: field '_id': duplicate query id {qid!r} (first at row {rows[qid]})"
-            )
-        rows[qid] = i
-        text = _hf_text(raw_text, where["queries"], i, "text").strip()
-        if qid not in qrels:
-            empty_other += not text
-            continue  # another split's query
-        if not text:
-            raise BeirFormatError(f"{where['queries']} row {i}: field 'text': query {qid!r} is empty")
-        queries[qid] = text
-    if empty_other:
-        skipped["empty_query_outside_split"] = empty_other
-        warnings.append(f"{where['queries']}: {empty_other} empty queries without judgements ignored")
-
-    cols = _hf_columns(tables["corpus"][0], where["corpus"], ("_id", "text"), ("title",))
-    titles = cols.get("title")
-    corpus: dict[str, str] = {}
-    rows = {}
-    for i, (raw_id, raw_text) in enumerate(zip(cols["_id"], cols["text"], strict=True)):
-        did = _hf_id(raw_id, where["corpus"], i, "_id")
-        if did in rows:
-            raise BeirFormatError(
-                f"{where['corpus']} row {i}: field '_id': duplicate document id {did!r} (first at row {rows[did]})"
-            )
-        rows[did] = i
-        text = _hf_text(raw_text, where["corpus"], i, "text").strip()
-        title = "" if titles is None else _hf_text(titles[i], where["corpus"], i, "title").strip()
-        corpus[did] = f"{title} {text}" if title and text else (title or text)
-
-    return _clean(
-        corpus,
-        queries,
-        qrels,
-        source=f"hf:{name}",
-        query_lines=None,
-        qrels_name=where["qrels"],
-        queries_name=where["queries"],
-        warnings=warnings,
-        skipped=skipped,
-    )
-
-
-def _load_hf_subset(name: str, subset: str, folder: Path | None):
-    import datasets
-
-    try:
-        if folder is None:
-            return datasets.load_dataset(name, subset)
-        path = folder / subset
-        if not path.is_dir():
-            raise BeirFormatError(f"{path}: not found (a `datasets` collection folder has corpus/, queries/, qrels/)")
-        if any((path / m).is_file() for m in _SAVED_MARKERS):
-            return datasets.load_from_disk(str(path))
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix in _FILE_BUILDERS and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
-            raise BeirFormatError(f"{path}: neither a save_to_disk folder nor data files ({', '.join(_FILE_BUILDERS)})")
-        builders = {_FILE_BUILDERS[p.suffix] for p in files}
-        if len(builders) > 1:
-            raise BeirFormatError(f"{path}: data files of several types ({', '.join(sorted(builders))})")
-        by_split: dict[str, list[str]] = {}
-        for p in files:
-            by_split.setdefault(p.name.replace(".", "-").split("-", 1)[0], []).append(str(p))
-        return datasets.load_dataset(builders.pop(), data_files=by_split)
-    except BeirFormatError:
-        raise
-    except Exception as exc:  # datasets raises many types (FileNotFound, DatasetNotFound, connection errors)
-        raise BeirFormatError(f"{name} [{subset}]: cannot load with datasets: {type(exc).__name__}: {exc}") from exc
-
-
-def _pick_split(loaded, name: str, subset: str, wanted: str | None, *, required: bool | None = None):
-    """(dataset, split name or None) from a Dataset or a DatasetDict; see :func:`load_hf_beir`."""
-    if not hasattr(loaded, "keys"):  # a plain Dataset (save_to_disk of one split): nothing to choose
-        return loaded, None
-    splits = list(loaded.keys())
-    required = wanted is not None if required is None else required
-    if wanted is not None and wanted in loaded:
-        return loaded[wanted], wanted
-    if not required and len(splits) == 1:
-        return loaded[splits[0]], splits[0]
-    if wanted is None and "test" in loaded:
-        return loaded["test"], "test"
-    ask = f"no split {wanted!r}" if required else "several splits, name one (--split)"
-    raise BeirFormatError(f"{name} [{subset}]: {ask}; splits: {', '.join(splits) or 'none'}")
-
-
-def _hf_columns(ds, where: str, required: Sequence[str], optional: Sequence[str]) -> dict[str, list]:
-    names = list(ds.column_names)
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise BeirFormatError(f"{where}: field {missing[0]!r} missing (columns: {', '.join(names)})")
-    return {c: list(ds[c]) for c in (*required, *optional) if c in names}
-
-
-def _hf_id(value: Any, where: str, row: int, name: str) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise BeirFormatError(f"{where} row {row}: field {name!r} must be a string, got {type(value).__name__}")
-    if not value or any(c.isspace() for c in value):
-        # TREC run files are whitespace-separated: such an id could never round-trip.
-        raise BeirFormatError(f"{where} row {row}: field {name!r}: {value!r} is empty or contains whitespace")
-    return value
-
-
-def _hf_text(value: Any, where: str, row: int, name: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise BeirFormatError(f"{where} row {row}: field {name!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _hf_int(value: Any, where: str, row: int, name: str) -> int:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and _is_int(value.strip()):
-        return int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise BeirFormatError(f"{where} row {row}: field {name!r}: {value!r} is not an integer")
-    return value

@@ -4,7 +4,8 @@
   * groups (FlagEmbedding): ``{query, pos: [...], neg: [...], pos_scores?, neg_scores?, prompt?}``
   * pointwise: ``{query, document, label}``; records of one query become one Example
   * columns (sentence-transformers style): ``{query, docs: [...], labels: [...]}`` or ``{query, docs, scores}``
-- BEIR folders (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``), optionally ``folder:split``
+- BEIR folders (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``), optionally ``folder:split``,
+  read by the one BEIR loader (data.beir: the rules evaluation uses) and turned into Examples here
 - ``hf:...`` specs read with the ``datasets`` library (see :func:`read_examples`).
 
 Every record is validated; a bad one raises :class:`DataError` naming the file, the line
@@ -13,12 +14,12 @@ Every record is validated; a bad one raises :class:`DataError` naming the file, 
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import DataError
+from .beir import read_beir_folder
 from .records import (
     Example,
     Loc,
@@ -33,7 +34,6 @@ from .records import (
     parquet_records,
     text_field,
     texts_field,
-    type_name,
 )
 
 FORMATS = ("auto", "groups", "pointwise", "columns", "beir")
@@ -161,21 +161,10 @@ def shape_group(
     )
 
 
-def _beir_split(folder: Path, split: str | None) -> Path:
-    qrels_dir = folder / "qrels"
-    found = sorted(p.stem for p in qrels_dir.glob("*.tsv")) if qrels_dir.is_dir() else []
-    if split is None:
-        preferred = [s for s in ("train", "dev", "test") if s in found]
-        if preferred:
-            split = preferred[0]
-        elif len(found) == 1:
-            split = found[0]
-        else:
-            raise DataError(f"{qrels_dir}: name a split ({folder}:<split>); qrels files: {found or 'none'}")
-    path = qrels_dir / f"{split}.tsv"
-    if not path.is_file():
-        raise DataError(f"{path}: no qrels for split {split!r}; present: {', '.join(found) or 'none'}", reason="io")
-    return path
+# The BEIR loader's counters (BeirData.skipped) go to ReadStats.skipped as they are, except
+# these: "query_without_relevant_doc" is a query evaluation keeps (it scores 0) but that
+# cannot make a training example, a bad record of its own (counted as no_positive).
+_BEIR_COUNTERS_NOT_SKIPS = ("query_without_relevant_doc",)
 
 
 def _read_beir(
@@ -188,98 +177,44 @@ def _read_beir(
     instruction: str | None,
     seed: int,
     max_examples: int | None,
+    binary_labels: bool,
 ) -> list[Example]:
-    for name in ("corpus.jsonl", "queries.jsonl"):
-        if not (folder / name).is_file():
-            raise DataError(f"{folder / name}: file not found (a BEIR folder has corpus.jsonl, queries.jsonl, qrels/)")
-    qrels_path = _beir_split(folder, split)
+    """Examples from a BEIR folder read by the one BEIR loader (data.beir), with its rules
+    and its cleaning; what is training's own is here: the default split (train, else dev,
+    else test, else the only qrels file), one example per judged query with its relevant
+    documents by label and its negatives (judged non-relevant first, then unjudged ones)
+    sampled with ``random.Random(f"{seed}:{qid}")``, empty documents never used, and the
+    checks of a training example (a positive, a negative, binary labels for stage 1).
 
-    def id_field(rec: dict, loc: Loc) -> str:
-        value = rec.get("_id")
-        if value is None:
-            raise loc.error("_id", "missing", "missing_field")
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise loc.error("_id", f"expected a string, got {type_name(value)}", "wrong_type")
-        return str(value)
+    skip_bad_records (``guard``): a problem of one query (no judgement above 0, no
+    negative, a label outside {0, 1} with ``binary_labels``) is a bad record, skipped and
+    counted; what the loader drops by its own rules (judgements of absent documents,
+    repeated rows, ...) is dropped whatever skip_bad_records says and counted in
+    ``stats.skipped`` under the loader's names; what the loader rejects (a malformed line,
+    an id with whitespace, a judged query without text, ...) stays an error.
+    """
+    read = read_beir_folder(folder, split)
+    data = read.data
+    stats.records += read.records
+    for reason, count in data.skipped.items():
+        if reason not in _BEIR_COUNTERS_NOT_SKIPS:
+            stats.skipped[reason] = stats.skipped.get(reason, 0) + count
 
-    corpus: dict[str, str] = {}
-
-    def corpus_doc(loc: Loc, rec) -> None:
-        if isinstance(rec, DataError):
-            raise rec
-        doc_id, text = id_field(rec, loc), text_field(rec, "text", loc)
-        title = rec.get("title") or ""
-        if not isinstance(title, str):
-            raise loc.error("title", f"expected a string, got {type_name(title)}", "wrong_type")
-        if doc_id in corpus:
-            raise loc.error("_id", f"duplicate document id {doc_id!r}", "duplicate_id")
-        corpus[doc_id] = f"{title} {text}" if title.strip() else text
-
-    for loc, rec in jsonl_records(folder / "corpus.jsonl", stats):
-        guard(corpus_doc, loc, rec)
-
-    queries: dict[str, tuple[str, Loc]] = {}
-
-    def query_rec(loc: Loc, rec) -> None:
-        if isinstance(rec, DataError):
-            raise rec
-        qid = id_field(rec, loc)
-        if qid in queries:
-            raise loc.error("_id", f"duplicate query id {qid!r}", "duplicate_id")
-        # an empty query is only an error where it is judged (see below)
-        text = rec.get("text")
-        if not isinstance(text, str):
-            raise loc.error("text", f"expected a string, got {type_name(text)}", "wrong_type")
-        queries[qid] = (text, loc)
-
-    for loc, rec in jsonl_records(folder / "queries.jsonl", stats):
-        guard(query_rec, loc, rec)
-
-    judged: dict[str, dict[str, float]] = {}
-    first_line: dict[str, Loc] = {}
-
-    def qrels_row(loc: Loc, line: str) -> None:
-        parts = line.split("\t") if "\t" in line else line.split()
-        if len(parts) == 4:  # TREC layout: qid iter docid rel
-            parts = [parts[0], parts[2], parts[3]]
-        if len(parts) != 3:
-            raise loc.error(
-                None, f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(parts)}", "bad_row"
-            )
-        qid, doc_id, score_text = (p.strip() for p in parts)
-        try:
-            score = float(score_text)
-        except ValueError:
-            raise loc.error("score", f"expected a number, got {score_text!r}", "bad_label") from None
-        if not math.isfinite(score):
-            raise loc.error("score", f"expected a finite number, got {score_text!r}", "bad_label")
-        if qid not in queries:
-            raise loc.error("query-id", f"query {qid!r} is not in queries.jsonl", "unknown_id")
-        if doc_id not in corpus:
-            raise loc.error("corpus-id", f"document {doc_id!r} is not in corpus.jsonl", "unknown_id")
-        judged.setdefault(qid, {})[doc_id] = score
-        first_line.setdefault(qid, loc)
-
-    with open(qrels_path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            if lineno == 1 and line.split()[-1].lower() in ("score", "relevance", "rel", "label"):
-                continue  # header
-            stats.records += 1
-            guard(qrels_row, Loc(str(qrels_path), lineno), line.rstrip("\n"))
-
-    corpus_ids = list(corpus)
+    # an empty document (kept by the loader: it never matches in evaluation) is neither a
+    # positive nor a negative here; the loader has counted it (empty_document)
+    corpus_ids = [d for d, text in data.corpus.items() if text]
     examples: list[Example] = []
 
-    def make_example(qid: str) -> Example:
-        text, qloc = queries[qid]
-        if not text.strip():
-            raise qloc.error("text", "empty text (a judged query)", "empty_text")
-        labels = judged[qid]
+    def make_example(loc: Loc, qid: str) -> Example:
+        labels = {d: float(r) for d, r in data.qrels[qid].items() if data.corpus[d]}
+        qloc = read.query_locs[qid]
+        if binary_labels:
+            for d, label in labels.items():
+                if label not in (0, 1):
+                    line = read.qrels_lines[qid, d]
+                    raise line.error("score", f"stage 1 needs binary labels 0/1, got {int(label)}", "non_binary_label")
         relevant = sorted((d for d, s in labels.items() if s > 0), key=lambda d: -labels[d])
         if not relevant:
-            loc = first_line[qid]
             raise loc.error("score", f"query {qid!r} has no judgement above 0", "no_positive")
         rng = random.Random(f"{seed}:{qid}")
         judged_neg = [d for d, s in labels.items() if s <= 0]
@@ -297,16 +232,17 @@ def _read_beir(
                 negatives.append(doc_id)
         docs = relevant + negatives
         example = Example(
-            text, [corpus[d] for d in docs], [labels.get(d, 0.0) for d in docs], None, instruction, qloc.source
-        )
+            data.queries[qid], [data.corpus[d] for d in docs], [labels.get(d, 0.0) for d in docs], None, instruction,
+            qloc.source,
+        )  # fmt: skip
         if group_size:
             example = shape_group(example, group_size, rng, fields=("score", "corpus-id"), where=qloc.where)
         return example
 
-    for qid in judged:
+    for qid in data.qrels:
         if max_examples is not None and len(examples) >= max_examples:
             break
-        example = guard(lambda _loc, q: make_example(q), first_line[qid], qid)
+        example = guard(make_example, read.first_qrels_loc(qid), qid)
         if example is not None:
             examples.append(example)
     return examples
@@ -348,6 +284,11 @@ def read_examples(
             many documents (see :func:`shape_group`) and makes a group without a positive
             or a negative a bad record.
         skip_bad_records: count bad records in ``ReadStats.skipped`` instead of raising.
+            A BEIR folder is read by the one BEIR loader (:func:`~.beir.load_beir`, its
+            rules): what it drops (judgements of absent documents, repeated rows, ...) is
+            dropped and counted in ``ReadStats.skipped`` either way, what it rejects (a
+            malformed line, an id with whitespace, ...) stays an error; skipped here are a
+            query's own problems (no positive, no negative, a non-binary label).
         max_examples: stop after this many examples.
         instruction: the instruction of records that carry none (``prompt`` / ``instruction``).
         seed: seeds negative sampling (per example, so a record's sample does not depend
@@ -399,7 +340,7 @@ def read_examples(
             elif format in ("auto", "beir") and (path / "corpus.jsonl").is_file():
                 examples = _read_beir(
                     path, split or spec_split, group_size=group_size, guard=guard, stats=stats,
-                    instruction=instruction, seed=seed, max_examples=max_examples,
+                    instruction=instruction, seed=seed, max_examples=max_examples, binary_labels=binary_labels,
                 )  # fmt: skip
                 return finish(examples)
             else:

@@ -43,7 +43,9 @@ class ReadStats:
         records: records read (non-blank JSONL lines, table rows; for BEIR the corpus,
             query and qrels lines together), bad ones included.
         examples: Examples returned.
-        skipped: reason -> count of bad records skipped (``skip_bad_records=True``).
+        skipped: reason -> count of bad records skipped (``skip_bad_records=True``); for
+            a BEIR folder also what the BEIR loader dropped by its own rules (its
+            ``BeirData.skipped`` names, e.g. ``qrels_doc_not_in_corpus``), skipped or not.
     """
 
     source: str = ""

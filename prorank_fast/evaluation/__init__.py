@@ -9,7 +9,7 @@ trec.py         write_trec_run, read_trec_run
 Nothing here computes a metric by hand: BM25 is bm25s, metrics are ir-measures.
 """
 
-from ..data.beir import BeirData, Qrels, Run, load_beir, load_collection, load_hf_beir
+from ..data import BeirData, Qrels, Run, load_beir, load_collection, load_hf_beir
 from ..errors import BeirFormatError
 from .first_stage import bm25_first_stage
 from .metrics import DEFAULT_MEASURES, evaluate_run, format_metrics_table

@@ -70,27 +70,27 @@ def read_trec_run(path: str | os.PathLike, *, corpus: Container[str] | None = No
                 continue
             if len(parts) != 6:
                 raise BeirFormatError(
-                    f"{path} line {lineno}: expected 6 fields (qid Q0 docid rank score tag), got {len(parts)}"
+                    f"{path}: line {lineno}: expected 6 fields (qid Q0 docid rank score tag), got {len(parts)}"
                 )
             qid, _, did, rank_s, score_s, _tag = parts
             try:
                 rank = int(rank_s)
             except ValueError:
-                raise BeirFormatError(f"{path} line {lineno}: field 'rank': {rank_s!r} is not an integer") from None
+                raise BeirFormatError(f"{path}: line {lineno}: field 'rank': {rank_s!r} is not an integer") from None
             try:
                 score = float(score_s)
             except ValueError:
-                raise BeirFormatError(f"{path} line {lineno}: field 'score': {score_s!r} is not a number") from None
+                raise BeirFormatError(f"{path}: line {lineno}: field 'score': {score_s!r} is not a number") from None
             if math.isnan(score):
-                raise BeirFormatError(f"{path} line {lineno}: field 'score': NaN")
+                raise BeirFormatError(f"{path}: line {lineno}: field 'score': NaN")
             if (qid, did) in seen:
                 raise BeirFormatError(
-                    f"{path} line {lineno}: field 'docid': {did!r} listed twice for query {qid!r} "
+                    f"{path}: line {lineno}: field 'docid': {did!r} listed twice for query {qid!r} "
                     f"(first at line {seen[qid, did]})"
                 )
             if corpus is not None and did not in corpus:
                 raise BeirFormatError(
-                    f"{path} line {lineno}: field 'docid': {did!r} (query {qid!r}) is not in the corpus; "
+                    f"{path}: line {lineno}: field 'docid': {did!r} (query {qid!r}) is not in the corpus; "
                     "is the run from another collection?"
                 )
             seen[qid, did] = lineno

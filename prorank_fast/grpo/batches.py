@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -138,6 +138,22 @@ class Rollouts:
     def kept_groups(self) -> list[int]:
         """Groups with reward variance: the others have zero advantage and contribute nothing."""
         return [p for p in range(len(self.prompts)) if not bool(self.zero_variance[p])]
+
+    def to_state(self) -> dict:
+        """Its fields, for a checkpoint (loop/checkpoint.py encodes the lists, tensors and dicts)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Rollouts:
+        """The inverse of to_state; ValueError if the fields are not a Rollouts'."""
+        names = {f.name for f in fields(cls)}
+        if set(state) != names:
+            raise ValueError(f"fields {sorted(state)}, expected {sorted(names)}")
+        tensors = [state[k] for k in ("advantages", "rewards", "zero_variance")] + list(state["reward_parts"].values())
+        tensors += [t for k in ("old_logprobs", "ref_logprobs") for t in state[k] or ()]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise ValueError("a tensor field holds something else")
+        return cls(**state)
 
     def group_batch(self, groups: list[int]) -> GroupBatch:
         g = self.group_size

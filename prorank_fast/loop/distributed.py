@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 DEVICES = ("auto", "cpu", "cuda")  # train.device: auto = cuda when available
 
 

@@ -67,6 +67,7 @@ class LoopSettings:
     warmup_ratio: float
     checkpoint_every: int
     postfix: tuple[str, ...] = ("loss", "lr", "tokens_per_s")  # record keys shown in the progress bar
+    state_types: tuple[type, ...] = ()  # classes (to_state/from_state) the state may hold, for checkpoints
 
 
 def run_loop(model, step_fn, settings: LoopSettings, tcfg, d: Dist, init_state) -> dict:
@@ -75,7 +76,8 @@ def run_loop(model, step_fn, settings: LoopSettings, tcfg, d: Dist, init_state) 
 
     step_fn(step, state) runs forward and backward of this rank's share of optimizer step
     `step` and returns its record (global figures: loss, tokens, ...); `state` is a dict saved
-    with every checkpoint (evaluations before training, rollouts kept across iterations).
+    with every checkpoint (evaluations before training, rollouts kept across iterations): plain
+    JSON values, tuples, tensors and instances of settings.state_types.
     init_state() makes the first one when no checkpoint exists. Returns {"state", "last",
     "start_step", "loop_time", "tokens"}.
     """
@@ -84,13 +86,13 @@ def run_loop(model, step_fn, settings: LoopSettings, tcfg, d: Dist, init_state) 
     )
     warmup = int(settings.warmup_ratio * settings.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, settings.max_steps, warmup))
-    ckpt = Checkpointer(settings.out, d, tcfg.keep_checkpoints)
+    ckpt = Checkpointer(settings.out, d, tcfg.keep_checkpoints, settings.state_types)
     metrics_path = settings.out / "metrics.jsonl"
 
     start_step, state = 0, None
     latest = ckpt.latest()
     if latest is not None:
-        state = ckpt.load(latest, model, optimizer, scheduler)["state"]
+        state = ckpt.load(latest, model, optimizer, scheduler)
         start_step = ckpt.loaded_step
         if d.main:
             print(f"resuming {settings.name} from {latest} (step {start_step})", flush=True)
@@ -127,10 +129,10 @@ def run_loop(model, step_fn, settings: LoopSettings, tcfg, d: Dist, init_state) 
                 f.write(json.dumps(last) + "\n")
         progress.update(last)
         if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.max_steps:
-            ckpt.save(done, model, optimizer, scheduler, {"state": state})
+            ckpt.save(done, model, optimizer, scheduler, state)
     progress.close()
     loop_time = time.time() - t_loop
-    ckpt.save(settings.max_steps, model, optimizer, scheduler, {"state": state})
+    ckpt.save(settings.max_steps, model, optimizer, scheduler, state)
     if d.main:
         plot_metrics(metrics_path, settings.out / "curves.png")
     return {"state": state, "last": last, "start_step": start_step, "loop_time": loop_time, "tokens": tokens_seen}

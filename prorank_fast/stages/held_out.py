@@ -9,7 +9,7 @@ from ..rerank import Reranker
 from .prepare import Prepared
 
 
-def score_pairs(model, prep: Prepared, cfg: Recipe, pairs: list[tuple[str, str]], device) -> list[float]:
+def score_held_out_pairs(model, prep: Prepared, cfg: Recipe, pairs: list[tuple[str, str]], device) -> list[float]:
     """Scores of (query, document) pairs through the training root `model` (so FSDP gathers the
     parameters), packed into batches of cfg.train.max_tokens tokens by Reranker."""
     reranker = Reranker(
@@ -20,7 +20,7 @@ def score_pairs(model, prep: Prepared, cfg: Recipe, pairs: list[tuple[str, str]]
     return reranker.predict(pairs, show_progress_bar=False)
 
 
-def evaluate_model(model, prep: Prepared, cfg: Recipe, d) -> dict:
+def held_out_ndcg(model, prep: Prepared, cfg: Recipe, d) -> dict:
     """nDCG@10 of the model reranking BM25's top-k, next to BM25's own."""
     if prep.eval_data is None:
         return {}
@@ -28,7 +28,7 @@ def evaluate_model(model, prep: Prepared, cfg: Recipe, d) -> dict:
     model.eval()
 
     def score_fn(pairs):
-        return score_pairs(model, prep, cfg, pairs, d.device)
+        return score_held_out_pairs(model, prep, cfg, pairs, d.device)
 
     run = rerank_run(prep.bm25_run, prep.eval_data, score_fn, k=cfg.data.eval_first_stage_k)
     metrics = evaluate_run(run, prep.eval_data.qrels)

@@ -168,11 +168,13 @@ def run_stage1(cfg, prep, d, out) -> dict:
 
     settings = LoopSettings(
         "stage 1", out, g.max_steps, g.lr, g.warmup_ratio, g.checkpoint_every,
-        postfix=("loss", "reward", "valid_format_rate", "accuracy", "zero_variance_groups"),
+        postfix=("loss", "reward", "valid_format_rate", "accuracy", "zero_variance_groups"), state_types=(Rollouts,),
     )  # fmt: skip
     result = run_loop(policy, step_fn, settings, tcfg, d, lambda: {"eval_before": evaluate()})
     before, after = result["state"]["eval_before"], evaluate()
-    export_model(policy, prep.model, prep.tokenizer, out / "final", cfg, prep.output_ids, prep.token_weights, is_main=d.main)
+    export_model(
+        policy, prep.model, prep.tokenizer, out / "final", cfg, prep.output_ids, prep.token_weights, is_main=d.main
+    )
     last = result["last"]
     summary = {
         "steps": g.max_steps,

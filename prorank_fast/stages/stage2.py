@@ -10,7 +10,7 @@ from ..export import export_model
 from ..loop import Dist, LoopSettings, StepPlan, run_loop, shard
 from ..packing import collate
 from ..scoring import RerankerScorer, loss_units
-from .held_out import evaluate_model
+from .held_out import held_out_ndcg
 
 
 def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
@@ -40,10 +40,12 @@ def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
 
     s2 = cfg.stage2
     settings = LoopSettings("stage 2", out, s2.max_steps, s2.lr, s2.warmup_ratio, s2.checkpoint_every)
-    result = run_loop(model, step_fn, settings, tcfg, d, lambda: {"eval_before": evaluate_model(model, prep, cfg, d)})
+    result = run_loop(model, step_fn, settings, tcfg, d, lambda: {"eval_before": held_out_ndcg(model, prep, cfg, d)})
     eval_before = result["state"]["eval_before"]
-    eval_after = evaluate_model(model, prep, cfg, d)
-    export_model(model, prep.model, prep.tokenizer, out / "final", cfg, prep.output_ids, prep.token_weights, is_main=d.main)
+    eval_after = held_out_ndcg(model, prep, cfg, d)
+    export_model(
+        model, prep.model, prep.tokenizer, out / "final", cfg, prep.output_ids, prep.token_weights, is_main=d.main
+    )
     return {
         "stage2_loss": cfg.stage2.loss,
         "stage2_final_loss": result["last"].get("loss", float("nan")),
