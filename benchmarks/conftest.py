@@ -2,15 +2,13 @@
 
 * pyproject's addopts carry ``--benchmark-disable`` for the main suite; here benchmarks are
   turned back on unless ``--benchmark-disable`` was typed on the command line itself.
-* The CPU GRPO tests record time and memory into one ``cpu_grpo.Report``; its table (with the
-  ours/baseline and ours/liger ratios) is printed at the end of the session.
+* ``print_at_end(report, title)``: a test file's report (time and memory of its rows, the ratios)
+  is printed as one table at the end of the session, after pytest-benchmark's own.
 """
 
 from __future__ import annotations
 
 import pytest
-
-_REPORT_KEY = pytest.StashKey()
 
 
 def pytest_configure(config):
@@ -18,22 +16,29 @@ def pytest_configure(config):
         config.option.benchmark_enable = True
 
 
+class _ReportPrinter:
+    """A plugin registered at run time that prints ``report.table()`` in the terminal summary."""
+
+    def __init__(self, report, title: str):
+        self.report, self.title = report, title
+
+    @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table: ours is the last thing printed
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        if not self.report.results:
+            return
+        if getattr(self.report, "other_cpus", 0) is None:  # the machine's load, when not finished yet
+            self.report.finish()
+        terminalreporter.section(self.title)
+        for line in self.report.table().splitlines():
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
-def cpu_grpo_report(request):
-    from benchmarks import cpu_grpo
+def print_at_end(request):
+    """``print_at_end(report, title)`` -> report, whose table is printed at the end of the session."""
 
-    report = request.config.stash.get(_REPORT_KEY, None)
-    if report is None:
-        report = cpu_grpo.Report(cpu_grpo.CPUConfig.from_env())
-        request.config.stash[_REPORT_KEY] = report
-    return report
+    def register(report, title: str):
+        request.config.pluginmanager.register(_ReportPrinter(report, title), f"prorank-fast-report-{title}")
+        return report
 
-
-@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table: ours is the last thing printed
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    report = config.stash.get(_REPORT_KEY, None)
-    if report is None or not report.results:
-        return
-    terminalreporter.section("prorank-fast CPU GRPO benchmark (time and peak memory)")
-    for line in report.table().splitlines():
-        terminalreporter.write_line(line)
+    return register

@@ -3,8 +3,9 @@
 Subcommands that exist today:
   train [RECIPE] [key=value ...] [--dry-run]   stage 1 (GRPO) then stage 2, as the recipe says;
                                                no RECIPE = the embedded default (tiny)
-  bench [cpu|stage2|rerank|gpu] [ARGS...]      the benchmarks (benchmarks/cpu_grpo.py, stage2.py, rerank.py,
-                                               gpu_suite.py)
+  bench [cpu|stage1|stage2|rerank|gpu] [ARGS...]
+                                               the benchmarks (benchmarks/grpo_loss.py, stage1_step.py,
+                                               stage2_step.py, rerank.py, gpu_suite.py)
   eval MODEL --data BEIR_DIR|hf:NAME [--run TREC | --first-stage bm25] [--k 100]
                                                rerank a first stage, write TREC runs + metrics.json
   rank MODEL --input PAIRS.jsonl [--output SCORES.jsonl] [--max-tokens N] [--device D]

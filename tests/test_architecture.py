@@ -28,8 +28,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("prorank_fast.stages",),  # prepare, held-out evaluation, stage 1, stage 2
     ("prorank_fast.train", "prorank_fast.dry_run"),  # orchestration
     ("prorank_fast.cli", "prorank_fast"),  # the command line; the package's lazy top-level API
-    ("benchmarks._memory", "benchmarks.harness"),  # measuring: time, statistics, memory
-    ("benchmarks._common",),  # inputs, baselines shared by the themes
+    ("benchmarks._memory", "benchmarks._common"),  # memory measurement; the kernels loaded once, shared inputs
+    ("benchmarks.harness",),  # the one timing / statistics harness, the GPU run context
     ("benchmarks",),  # one theme per file (and the package)
     ("benchmarks.gpu_suite", "benchmarks.conftest", "benchmarks.test_"),  # runs the themes' sections
 ]

@@ -1,4 +1,4 @@
-"""The GPU suite's rerank section (benchmarks/gpu_rerank.py) at tiny sizes on CPU:
+"""The GPU suite's rerank section (section f, benchmarks/rerank.py) at tiny sizes on CPU:
 ``python -m benchmarks.gpu_suite --smoke --sections rerank``. Runs in a subprocess."""
 
 from __future__ import annotations

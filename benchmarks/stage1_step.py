@@ -1,6 +1,6 @@
-"""CPU stage-1 (GRPO) training-step time: ours (shared prefix) against G independent full sequences and TRL.
+"""The stage-1 (GRPO) training step: ours (shared prefix) against G independent full sequences (and TRL on CPU).
 
-One step = P prompts of exactly L tokens, G sampled completions of exactly T tokens each (no stop
+CPU: one step = P prompts of exactly L tokens, G sampled completions of exactly T tokens each (no stop
 token: every completion runs to max_new_tokens), rewards (format + correctness, the trainer's
 registered functions) and group advantages (scale "group"), the policy forward + backward over
 every completion, and an AdamW step. Every row starts from the same initial weights, uses the same
@@ -31,13 +31,16 @@ the sampled answers are almost never "1"/"0", so the rewards are ~0 and the adva
 still does all of its work (autograd does not skip zeros). Unlike the trainer, which drops groups
 without reward variance, every row here trains every group, so that the work does not depend on luck.
 
-    python -m benchmarks.stage1                       # the table (prorank-fast bench stage1)
-    python -m benchmarks.stage1 --vocabs 1024 --rounds 10 --json s1.json
-    pytest benchmarks/test_cpu_stage1.py              # correctness (equal loss and grads) + a tiny timing
+    python -m benchmarks.stage1_step                  # the table (prorank-fast bench stage1)
+    python -m benchmarks.stage1_step --vocabs 1024 --rounds 10 --json s1.json
+    pytest benchmarks/test_stage1_step.py             # correctness (equal loss and grads) + a tiny timing
 
 Before timing, at each V, ours and full compute the loss and the parameter gradients of the same
 completions with random advantages: they must agree (loss rel. <= 1e-4, grads rel. <= 1e-4 in fp32).
 Target (printed, not asserted): ours >= 4x faster than full per step.
+
+GPU suite, section ``stage1``: the same ``Stage1Step`` rows (ours and full) at the Qwen2.5-0.5B
+configuration (random init, bf16 parameters; see "GPU suite" below).
 """
 
 from __future__ import annotations
@@ -51,16 +54,12 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 import torch
 
-from . import _common as C
-
-C.load_kernels()  # prorank_fast.kernels importable from a bare checkout (the GPU machine), before the trainer
-
-from prorank_fast.grpo_stage import (  # noqa: E402
+from prorank_fast.grpo import (
     GRPOOptions,
     PolicyForGRPO,
     RewardContext,
@@ -71,6 +70,12 @@ from prorank_fast.grpo_stage import (  # noqa: E402
     group_advantages,
     micro_batches,
 )
+from prorank_fast.kernels import reference
+from prorank_fast.modeling import resolve_backend
+
+from . import _common as C
+from . import _memory
+from . import harness as H
 
 VARIANTS = ("ours", "full", "trl")
 LABELS = {
@@ -86,11 +91,12 @@ QWEN_VOCAB = 151936
 OUTPUT_IDS = (16, 15)  # "1", "0" in the Qwen2 tokenizer; any two ids of the vocabulary do here
 REWARDS = ("format", "correctness")
 PHASES = ("rollout", "fwd_bwd", "optim")
-OTHER_CPUS_WARNING = 0.2
 
 
 @dataclass
-class Stage1Config:
+class Stage1Config(H.BenchConfig):
+    ENV_PREFIX = "PRORANK_BENCH_S1_"
+
     vocabs: str = f"1024,{QWEN_VOCAB}"
     prompts: int = 8  # P prompts per step
     group_size: int = 8  # G
@@ -106,20 +112,6 @@ class Stage1Config:
     # Largest fp32 [rows, L+T, V] logits tensor the full row may hold per forward (MiB): whole groups per
     # forward up to it, gradients accumulated. 0: the whole step in one forward.
     full_logits_mib: int = 1024
-
-    @classmethod
-    def from_env(cls, **defaults) -> Stage1Config:
-        """``defaults`` over the class defaults, overridden by ``PRORANK_BENCH_S1_<FIELD>``."""
-        cfg = cls(**defaults)
-        for f in fields(cls):
-            value = os.environ.get(f"PRORANK_BENCH_S1_{f.name.upper()}")
-            if value is not None:
-                setattr(cfg, f.name, type(getattr(cfg, f.name))(value))
-        return cfg
-
-    @property
-    def vocab_list(self) -> list[int]:
-        return [int(v) for v in str(self.vocabs).split(",") if v.strip()]
 
     def describe(self) -> str:
         return (
@@ -160,7 +152,7 @@ def base_model(vocab: int, seed: int, tiny: dict | None = None, models: dict | N
     """The shared initial weights at vocabulary ``vocab`` (seeded); rows deep-copy it."""
     if models is not None and vocab in models:
         return models[vocab]
-    from prorank_fast.model import build_tiny_model
+    from prorank_fast.modeling import build_tiny_model
 
     torch.manual_seed(seed)
     lm = build_tiny_model(dict(tiny or tiny_config(), vocab_size=vocab), vocab, 0, torch.float32)
@@ -183,11 +175,6 @@ def groups_per_forward(cfg: Stage1Config, vocab: int, group_size: int | None = N
 # ---------------------------------------------------------------------------------------
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Stage1Step:
     """One variant's stage-1 step on its own copy of ``lm`` (the shared initial weights).
 
@@ -203,7 +190,6 @@ class Stage1Step:
             raise ValueError(f"Stage1Step runs ours | full, not {variant!r}")
         self.variant, self.cfg = variant, cfg
         self.groups_per_forward = groups_per_forward
-        self.reference = C.load_kernels().reference
         self.lm = copy.deepcopy(lm)
         self.device = next(self.lm.parameters()).device
         self.lm.config.use_cache = variant == "full"  # generate's KV cache; ours keeps its own
@@ -217,8 +203,6 @@ class Stage1Step:
         self.phases: list[dict[str, float]] = []
         self.calls = 0
         if variant == "ours":
-            from prorank_fast.attention import resolve_backend
-
             self.note = f"varlen backend {resolve_backend(self.device, self.lm.dtype)}; shared prefix"
         else:
             gpf = groups_per_forward or cfg.prompts
@@ -289,7 +273,7 @@ class Stage1Step:
             with torch.no_grad():  # the entropy metric, as TRL logs it and as ours' loss returns it
                 entropy = -(logsm.exp() * logsm).sum(-1).reshape(-1)
             seq_ids = torch.arange(rows.shape[0], device=self.device).repeat_interleave(t)
-            loss, _metrics = self.reference.grpo_loss_from_logprobs(
+            loss, _metrics = reference.grpo_loss_from_logprobs(
                 logp, advantages[start : start + per].to(self.device), seq_ids, entropy=entropy, loss_type="dapo",
                 max_completion_length=cfg.new_tokens, num_items_in_batch=total_tokens,
             )  # fmt: skip
@@ -301,14 +285,14 @@ class Stage1Step:
     def train_step(self, data: StepData, seed: int) -> float:
         t0 = time.perf_counter()
         rollouts = self.rollouts(data, seed)
-        _sync(self.device)
+        H.sync(self.device)
         t1 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._backward(rollouts.prompts, rollouts.completions, rollouts.advantages)
-        _sync(self.device)
+        H.sync(self.device)
         t2 = time.perf_counter()
         self.optimizer.step()
-        _sync(self.device)
+        H.sync(self.device)
         t3 = time.perf_counter()
         self.phases.append({"rollout": t1 - t0, "fwd_bwd": t2 - t1, "optim": t3 - t2, "step": t3 - t0})
         self.calls += 1
@@ -459,27 +443,10 @@ def _version(name: str) -> str:
 
 
 @dataclass
-class Stat:
-    median: float
-    p20: float
-    p80: float
-
-    @classmethod
-    def of(cls, samples: list[float]) -> Stat:
-        if len(samples) > 1:
-            qs = statistics.quantiles(samples, n=10, method="inclusive")
-            return cls(statistics.median(samples), qs[1], qs[7])
-        return cls(samples[0], samples[0], samples[0])
-
-    def fmt(self, digits: int = 0) -> str:
-        return f"{self.median:.{digits}f} [{self.p20:.{digits}f}, {self.p80:.{digits}f}]"
-
-
-@dataclass
 class Result:
     vocab: int
     variant: str
-    step_ms: Stat | None = None
+    step_ms: H.Stat | None = None
     phases_ms: dict = field(default_factory=dict)  # phase -> median ms
     steps: int = 0
     other_cpus: float | None = None  # CPUs other processes used while this row ran
@@ -488,48 +455,12 @@ class Result:
 
 
 @dataclass
-class Report:
+class Report(H.VocabReport):
     config: Stage1Config
-    threads: int = 0
-    load_before: float | None = None
-    load_after: float | None = None
-    counters: tuple | None = None
-    other_cpus: float | None = None
-    results: dict = field(default_factory=dict)  # (vocab, variant) -> Result
     checks: dict = field(default_factory=dict)  # vocab -> equal_work_check dict (or {"error": ...})
-
-    def add(self, result: Result) -> None:
-        self.results[(result.vocab, result.variant)] = result
-
-    def finish(self) -> None:
-        self.load_after = _load()
-        self.other_cpus = other_cpus(self.counters, cpu_counters())
 
     def table(self) -> str:
         return format_table(self)
-
-
-def _load() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
-def cpu_counters():
-    from .stage2 import cpu_counters as counters
-
-    return counters()
-
-
-def other_cpus(start, end):
-    from .stage2 import other_cpus as others
-
-    return others(start, end)
-
-
-def _failure(exc: BaseException) -> str:
-    return "failed: " + f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")[:200]
 
 
 def unavailable(variant: str) -> str:
@@ -541,7 +472,7 @@ def step_result(step: Stage1Step, vocab: int, warmup: int) -> Result:
     return Result(
         vocab,
         step.variant,
-        step_ms=Stat.of([p["step"] * 1e3 for p in timed]),
+        step_ms=H.Stat.of([p["step"] * 1e3 for p in timed]),
         phases_ms={k: statistics.median(p[k] * 1e3 for p in timed) for k in PHASES},
         steps=len(timed),
         note=step.note,
@@ -555,7 +486,7 @@ def run(cfg: Stage1Config, variants=VARIANTS, log=print) -> Report:
         torch.set_num_threads(cfg.threads)
     n_steps = cfg.warmup + cfg.rounds
     steps = make_steps(cfg, n_steps)
-    report = Report(cfg, threads=torch.get_num_threads(), load_before=_load(), counters=cpu_counters())
+    report = Report(cfg).start()
     tiny = tiny_config()
     for vocab in cfg.vocab_list:
         lm = base_model(vocab, cfg.seed, tiny)
@@ -565,7 +496,7 @@ def run(cfg: Stage1Config, variants=VARIANTS, log=print) -> Report:
                 gpf = groups_per_forward(cfg, vocab) if variant == "full" else None
                 runners[variant] = Stage1Step(variant, lm, cfg, groups_per_forward=gpf)
             except Exception as exc:  # noqa: BLE001 - a row that cannot run says why
-                report.add(Result(vocab, variant, skipped=_failure(exc)))
+                report.add(Result(vocab, variant, skipped=H.failed(exc)))
         if "ours" in runners and "full" in runners:
             try:
                 report.checks[vocab] = equal_work_check(runners["ours"], runners["full"], steps[0], cfg.seed + 1)
@@ -575,8 +506,8 @@ def run(cfg: Stage1Config, variants=VARIANTS, log=print) -> Report:
                     f"grads rel {c['grad_rel_diff']:.1e}"
                 )
             except Exception as exc:  # noqa: BLE001
-                report.checks[vocab] = {"error": _failure(exc)}
-        start = cpu_counters()
+                report.checks[vocab] = {"error": H.failed(exc)}
+        start = H.cpu_counters()
         failed: dict[str, str] = {}
         for i in range(n_steps):
             for variant, step in runners.items():
@@ -585,10 +516,10 @@ def run(cfg: Stage1Config, variants=VARIANTS, log=print) -> Report:
                 try:
                     step.train_step(steps[i], seed=cfg.seed * 1000 + i)
                 except Exception as exc:  # noqa: BLE001
-                    failed[variant] = _failure(exc)
+                    failed[variant] = H.failed(exc)
                     log(f"[stage1] V={vocab} {variant}: {failed[variant]}")
             log(f"[stage1] V={vocab}: step {i + 1}/{n_steps} done" + (" (warm-up)" if i < cfg.warmup else ""))
-        busy = other_cpus(start, cpu_counters())
+        busy = H.other_cpus(start, H.cpu_counters())
         for variant, step in runners.items():
             if variant in failed:
                 report.add(Result(vocab, variant, skipped=failed[variant]))
@@ -603,17 +534,17 @@ def run(cfg: Stage1Config, variants=VARIANTS, log=print) -> Report:
             if reason:
                 report.add(Result(vocab, "trl", skipped=reason))
             else:
-                start = cpu_counters()
+                start = H.cpu_counters()
                 try:
                     out = run_trl(lm, cfg, steps, log=log)
                     timed = out["seconds"][cfg.warmup :] or out["seconds"]
-                    result = Result(vocab, "trl", step_ms=Stat.of([s * 1e3 for s in timed]), steps=len(timed),
+                    result = Result(vocab, "trl", step_ms=H.Stat.of([s * 1e3 for s in timed]), steps=len(timed),
                                     note=out["note"])  # fmt: skip
                     log(f"[stage1] V={vocab} trl: {result.step_ms.median:.0f} ms/step")
                 except Exception as exc:  # noqa: BLE001
-                    result = Result(vocab, "trl", skipped=_failure(exc))
+                    result = Result(vocab, "trl", skipped=H.failed(exc))
                     log(f"[stage1] V={vocab} trl: {result.skipped}")
-                result.other_cpus = other_cpus(start, cpu_counters())
+                result.other_cpus = H.other_cpus(start, H.cpu_counters())
                 report.add(result)
     report.finish()
     return report
@@ -626,10 +557,7 @@ def run(cfg: Stage1Config, variants=VARIANTS, log=print) -> Report:
 
 def speedup(report: Report, vocab: int, other: str) -> float | None:
     """``other``'s median step time / ours'."""
-    ours, row = report.results.get((vocab, "ours")), report.results.get((vocab, other))
-    if ours is None or row is None or ours.skipped or row.skipped:
-        return None
-    return row.step_ms.median / ours.step_ms.median
+    return report.ratio(vocab, other, lambda r: r.step_ms.median, lower_is_better=True)
 
 
 def format_table(report: Report) -> str:
@@ -651,8 +579,8 @@ def format_table(report: Report) -> str:
                 f"{ph['rollout']:.0f}" if ph else "-",
                 f"{ph['fwd_bwd']:.0f}" if ph else "-",
                 f"{ph['optim']:.0f}" if ph else "-",
-                "1.00" if variant == "ours" else C.fmt_ratio(sp),
-                "-" if busy is None else f"{busy:.2f}" + (" (!)" if busy > OTHER_CPUS_WARNING else ""),
+                "1.00" if variant == "ours" else H.fmt_ratio(sp),
+                "-" if busy is None else f"{busy:.2f}" + (" (!)" if busy > H.OTHER_CPUS_WARNING else ""),
             ]
         )
     tokens = cfg.prompts * cfg.prompt_len + cfg.prompts * cfg.group_size * cfg.new_tokens
@@ -666,12 +594,12 @@ def format_table(report: Report) -> str:
         if report.load_before is not None:
             line += f"; 1-min load average {report.load_before:.2f} at the start, {report.load_after or 0:.2f} "
             line += "at the end"
-        if report.other_cpus > OTHER_CPUS_WARNING:
+        if report.other_cpus > H.OTHER_CPUS_WARNING:
             line += " -- WARNING: the CPUs were shared, the timings are noisy"
         out.append(line)
     out += [
         "",
-        C.markdown_table(
+        H.markdown_table(
             [
                 "V",
                 "variant",
@@ -697,7 +625,7 @@ def format_table(report: Report) -> str:
                 target = f">= {SPEEDUP_TARGET:.0f}x: {'met' if sp >= SPEEDUP_TARGET else 'MISSED'}"
             ratio_rows.append([f"V={vocab}: {name} / ours", "-" if sp is None else f"{sp:.2f}x", target])
     if ratio_rows:
-        out += [C.markdown_table(["step-time ratio", "value", "target"], ratio_rows), ""]
+        out += [H.markdown_table(["step-time ratio", "value", "target"], ratio_rows), ""]
     checks = []
     for vocab, c in report.checks.items():
         if "error" in c:
@@ -732,25 +660,13 @@ def format_table(report: Report) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.stage1", description=__doc__.split("\n\n")[0])
-    defaults = Stage1Config()
-    for f in fields(Stage1Config):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=None)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    return p.parse_args(argv)
+    return H.cpu_parser("python -m benchmarks.stage1_step", __doc__, Stage1Config, VARIANTS).parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = Stage1Config()
-    for f in fields(Stage1Config):
-        if getattr(args, f.name) is not None:
-            setattr(cfg, f.name, getattr(args, f.name))
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"unknown variant {v!r}; choose from {VARIANTS}")
+    cfg = Stage1Config.from_args(args)
+    variants = H.parse_variants(args.variants, VARIANTS)
     if cfg.rounds < 1 or cfg.warmup < 0:
         raise SystemExit("--rounds must be >= 1 and --warmup >= 0")
     report = run(cfg, variants, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -768,6 +684,188 @@ def main(argv=None) -> int:
             json.dump(payload, f, indent=2, default=str)
     print(report.table(), flush=True)
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# GPU suite, section "stage1": the stage-1 step at the Qwen2.5-0.5B configuration
+#
+# A randomly initialized Qwen2ForCausalLM of the Qwen2.5-0.5B shape (hidden 896, 24 layers, 14 heads,
+# 2 KV heads, intermediate 4864, vocab 151936, tied head), bf16 parameters. One step = P=8 random
+# prompts of L=256 tokens, G=8 sampled completions of exactly T=4 tokens each, rewards (format +
+# correctness) and group advantages, the policy forward + backward over every completion, AdamW
+# (fused on CUDA): the rows of ``Stage1Step``, each on its own copy of the same initial weights:
+#
+# * ours  shared prefix: one packed prefill per prompt for sampling, the policy pass with the prompts
+#         once (``PolicyForGRPO(head="grpo")``, ``fused_linear_grpo_loss``)
+# * full  G independent full sequences: ``generate(num_return_sequences=G)`` (each prompt prefilled G
+#         times), ``lm(...)`` over [P*G, L+T] with full bf16 logits, fp32 log_softmax, the reference
+#         loss; its groups go through in several forwards when the logits pass a budget (halved
+#         again on OOM)
+#
+# Settings come from ``PRORANK_GPU_S1_<KEY>`` (LAYERS, PROMPTS, PROMPT_LEN, GROUP_SIZE, NEW_TOKENS, LR,
+# LOGITS_MIB); ``--smoke`` shrinks everything to a tiny CPU run. Results go to ``suite.stage1``.
+# ---------------------------------------------------------------------------------------
+
+GPU_LABELS = {
+    "ours": "ours: shared prefix, one prefill per prompt, fused_linear_grpo_loss",
+    "full": "G full sequences: generate(G), full [P*G, L+T, V] logits",
+}
+GPU_VARIANTS = ("ours", "full")
+GPU_DEFAULTS = dict(layers=24, prompts=8, prompt_len=256, group_size=8, new_tokens=4, lr=1e-5, logits_mib=8192)
+GPU_SMOKE_SETTINGS = dict(layers=2, prompts=2, prompt_len=16, group_size=2, new_tokens=2, lr=1e-3, logits_mib=1)
+
+
+def gpu_settings(smoke: bool) -> dict:
+    out = dict(GPU_SMOKE_SETTINGS if smoke else GPU_DEFAULTS)
+    for key, default in list(out.items()):
+        value = os.environ.get(f"PRORANK_GPU_S1_{key.upper()}")
+        if value is not None:
+            out[key] = type(default)(value)
+    return out
+
+
+def _gpu_row(suite: H.Suite, variant: str, lm, cfg: Stage1Config, data, gpf: int | None) -> dict:
+    dev = suite.device
+    row = dict(variant=variant, label=GPU_LABELS[variant])
+
+    def attempt(groups_per_forward: int) -> dict:
+        step = Stage1Step(variant, lm, cfg, groups_per_forward=groups_per_forward, fused_adam=dev.type == "cuda")
+        row["note"] = step.note
+        calls = iter(range(10**9))
+
+        def fn(step=step, calls=calls):
+            i = next(calls)
+            return step.train_step(data[i % len(data)], seed=i)
+
+        t0 = time.perf_counter()
+        fn()
+        row["first_call_s"] = time.perf_counter() - t0
+        row["peak_bytes"] = _memory.peak_extra(fn, dev)["peak_bytes"]
+        step.phases.clear()
+        # --smoke: the code paths only, in as few calls as time_fn allows
+        row.update(suite.timer(fn, warmup=0, min_reps=1, max_reps=1) if suite.args.smoke else suite.timer(fn))
+        row["phases_ms"] = {k: statistics.median(p[k] * 1e3 for p in step.phases) for k in PHASES}
+        row["status"] = "ok"
+        return row
+
+    try:
+        return H.halve_on_oom(suite, attempt, gpf or cfg.prompts, halve=variant == "full",
+                              message="stage1 full OOM; {} group(s) per forward")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return H.record_failure(row, exc)
+
+
+def gpu_section(suite: H.Suite) -> None:
+    """Run the section; results in ``suite.stage1`` (rows, settings, the equal-work check)."""
+    out = suite.stage1
+    rows = out.setdefault("rows", [])
+    if suite.over_budget():
+        rows += suite.skipped_rows(GPU_VARIANTS, GPU_LABELS)
+        return
+    a, dev = suite.args, suite.device
+    s = gpu_settings(a.smoke)
+    lm, config = C.qwen2_model(s["layers"], dev, torch.bfloat16, smoke=a.smoke, seed=a.seed)
+    lm.train()
+    cfg = Stage1Config(
+        vocabs=str(config.vocab_size), prompts=s["prompts"], group_size=s["group_size"], prompt_len=s["prompt_len"],
+        new_tokens=s["new_tokens"], lr=s["lr"], weight_decay=0.0, seed=a.seed, full_logits_mib=s["logits_mib"],
+        max_tokens=s["prompts"] * (s["prompt_len"] + s["group_size"] * s["new_tokens"]),
+    )  # fmt: skip
+    data = make_steps(cfg, 4, id_high=min(config.vocab_size, 1024))
+    tokens = cfg.prompts * cfg.prompt_len + cfg.prompts * cfg.group_size * cfg.new_tokens
+    out.update(
+        settings=s, layers=config.num_hidden_layers, hidden=config.hidden_size, vocab=config.vocab_size,
+        params=sum(p.numel() for p in lm.parameters()), tokens=tokens,
+        tokens_through_full=cfg.prompts * cfg.group_size * (cfg.prompt_len + cfg.new_tokens),
+    )  # fmt: skip
+    gpf = groups_per_forward(cfg, config.vocab_size)
+    try:  # the two rows compute the same loss on the same completions (bf16: to bf16 precision)
+        ours = Stage1Step("ours", lm, cfg)
+        full = Stage1Step("full", lm, cfg, groups_per_forward=1)
+        out["check"] = equal_work_check(ours, full, data[0], a.seed + 1)
+    except Exception as exc:  # noqa: BLE001
+        out["check"] = {"error": H.describe_failure(exc)}
+    ours = full = None
+    H.cleanup(dev)
+    for variant in GPU_VARIANTS:
+        if suite.over_budget():
+            rows += suite.skipped_rows([variant], GPU_LABELS)
+            continue
+        row = _gpu_row(suite, variant, lm, cfg, data, gpf if variant == "full" else None)
+        if "median" in row:
+            row["tokens_per_s"] = tokens / row["median"]
+            row["completions_per_s"] = cfg.prompts * cfg.group_size / row["median"]
+        rows.append(row)
+        H.cleanup(dev)
+        suite.log(
+            f"stage1 {variant}: {row['status']}"
+            + (f" {row['median'] * 1e3:.1f} ms, {row['tokens_per_s']:.0f} tok/s" if "median" in row else "")
+        )
+    H.add_speedups(rows)
+    del lm
+    H.cleanup(dev)
+
+
+def gpu_render(suite: H.Suite) -> list[str]:
+    s1 = suite.stage1
+    md = ["", "## Stage-1 GRPO step at the Qwen2.5-0.5B configuration", ""]
+    s = s1.get("settings")
+    if s and "params" in s1:
+        md += [
+            f"Random init, bf16 parameters, {s1['layers']} layers, hidden {s1['hidden']}, vocab {s1['vocab']} (tied), "
+            f"{s1['params'] / 1e6:.1f}M parameters. One step = {s['prompts']} random prompts of {s['prompt_len']} "
+            f"tokens, G={s['group_size']} completions of exactly {s['new_tokens']} tokens (no stop token), rewards "
+            "format + correctness, group advantages, policy forward + backward over every completion (dapo, beta 0), "
+            "AdamW (fused on CUDA). Each row trains its own copy of the same initial weights. tokens/s = the step's "
+            f"distinct tokens ({s1['tokens']}: prompts once + completions) / step time; the full row pushes "
+            f"{s1['tokens_through_full']} tokens through the model in its policy pass alone.",
+            "",
+        ]
+
+    def cells(r):
+        ph = r.get("phases_ms", {})
+        return [
+            r["label"],
+            H.fmt_ms_range(r),
+            " / ".join(f"{ph[k]:.1f}" for k in ("rollout", "fwd_bwd", "optim")) if ph else "-",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['completions_per_s']:.0f}",
+            H.fmt_bytes(r.get("peak_bytes")),
+            H.fmt_ratio(r.get("speedup_of_ours")),
+            f"{r.get('first_call_s', 0):.1f}",
+        ]
+
+    headers = ["variant", "ms/step median [p20, p80]", "rollout / fwd+bwd / AdamW ms", "tokens/s", "completions/s",
+               "peak extra", "this / ours", "1st call s"]  # fmt: skip
+    md.append(H.rows_table(headers, s1.get("rows", []), cells))
+    c = s1.get("check")
+    if c:
+        md += [
+            "",
+            "Equal work (same completions, random advantages, bf16): "
+            + (
+                c["error"]
+                if "error" in c
+                else f"loss ours {c['loss_ours']:.5f} vs full {c['loss_full']:.5f} (rel. {c['loss_rel_diff']:.1e}), "
+                f"grads rel. {c['grad_rel_diff']:.1e}"
+            ),
+        ]
+    notes = [f"{r['variant']}: {r['note']}" for r in s1.get("rows", []) if r.get("note")]
+    if notes:
+        md += [""] + [f"- {n}" for n in notes]
+    return md
+
+
+def gpu_targets(suite: H.Suite) -> list[list[str]]:
+    """The section's row of the suite's Targets table."""
+    rows = suite.stage1.get("rows", [])
+    full = next((r for r in rows if r["variant"] == "full"), {})
+    ours = next((r for r in rows if r["variant"] == "ours"), {})
+    sp = full.get("speedup_of_ours")
+    label = f"stage-1 step: ours >= {SPEEDUP_TARGET:.0f}x faster than G full sequences (Qwen2.5-0.5B configuration)"
+    if sp is None:
+        return [[label, ours.get("status") or full.get("status") or "not measured", "n/a"]]
+    return [[label, f"{sp:.2f}x", "met" if sp >= SPEEDUP_TARGET else "MISSED"]]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""CPU stage-1 (GRPO) step benchmark through pytest-benchmark: ``pytest benchmarks/test_cpu_stage1.py``.
+"""CPU stage-1 (GRPO) step benchmark through pytest-benchmark: ``pytest benchmarks/test_stage1_step.py``.
 
-A tiny version of ``python -m benchmarks.stage1`` (see ``benchmarks/stage1.py``): ours (shared prefix,
+A tiny version of ``python -m benchmarks.stage1_step`` (see ``benchmarks/stage1_step.py``): ours (shared prefix,
 one prefill per prompt, fused loss) and the same algorithm over G independent full sequences
 (transformers ``generate``, full-vocabulary logits, reference loss). What is asserted is that the two
 rows do the same work, not their speed:
@@ -23,11 +23,12 @@ import math
 import pytest
 import torch
 
-from benchmarks import stage1
+from benchmarks import stage1_step
+from prorank_fast.grpo import sample_group_completions
 
-PYTEST_DEFAULTS = dict(vocabs=f"1024,{stage1.QWEN_VOCAB}", prompts=2, prompt_len=48, group_size=4, new_tokens=4,
+PYTEST_DEFAULTS = dict(vocabs=f"1024,{stage1_step.QWEN_VOCAB}", prompts=2, prompt_len=48, group_size=4, new_tokens=4,
                        rounds=2, warmup=1)  # fmt: skip
-CFG = stage1.Stage1Config.from_env(**PYTEST_DEFAULTS)
+CFG = stage1_step.Stage1Config.from_env(**PYTEST_DEFAULTS)
 TIMED_VOCAB = min(CFG.vocab_list)
 
 
@@ -38,28 +39,26 @@ def models():
 
 @pytest.fixture(scope="module")
 def steps():
-    return stage1.make_steps(CFG, CFG.warmup + CFG.rounds)
+    return stage1_step.make_steps(CFG, CFG.warmup + CFG.rounds)
 
 
-def _step(variant: str, vocab: int, models: dict) -> stage1.Stage1Step:
-    lm = stage1.base_model(vocab, CFG.seed, models=models)
-    gpf = stage1.groups_per_forward(CFG, vocab) if variant == "full" else None
-    return stage1.Stage1Step(variant, lm, CFG, groups_per_forward=gpf)
+def _step(variant: str, vocab: int, models: dict) -> stage1_step.Stage1Step:
+    lm = stage1_step.base_model(vocab, CFG.seed, models=models)
+    gpf = stage1_step.groups_per_forward(CFG, vocab) if variant == "full" else None
+    return stage1_step.Stage1Step(variant, lm, CFG, groups_per_forward=gpf)
 
 
 @pytest.mark.parametrize("vocab", CFG.vocab_list)
 def test_stage1_same_loss_and_grads(vocab, models, steps):
     ours, full = _step("ours", vocab, models), _step("full", vocab, models)
-    check = stage1.equal_work_check(ours, full, steps[0], CFG.seed + 1)
+    check = stage1_step.equal_work_check(ours, full, steps[0], CFG.seed + 1)
     assert math.isfinite(check["loss_ours"]) and check["loss_ours"] != 0.0, check
-    assert check["loss_rel_diff"] <= stage1.LOSS_RTOL, check
-    assert check["grad_rel_diff"] <= stage1.GRAD_RTOL, check
+    assert check["loss_rel_diff"] <= stage1_step.LOSS_RTOL, check
+    assert check["grad_rel_diff"] <= stage1_step.GRAD_RTOL, check
 
 
 def test_stage1_greedy_samples_equal(models, steps):
     """Both samplers draw from the same distribution: at temperature 0 they pick the same tokens."""
-    from prorank_fast.grpo_stage import sample_group_completions
-
     ours, full = _step("ours", TIMED_VOCAB, models), _step("full", TIMED_VOCAB, models)
     prompts = steps[0].prompts
     mine = sample_group_completions(
@@ -74,7 +73,7 @@ def test_stage1_greedy_samples_equal(models, steps):
     assert mine == out[:, ids.shape[1] :].tolist()
 
 
-@pytest.mark.benchmark(group=stage1.GROUP, disable_gc=True)
+@pytest.mark.benchmark(group=stage1_step.GROUP, disable_gc=True)
 @pytest.mark.parametrize("variant", ["ours", "full"])
 def test_cpu_stage1_step(benchmark, variant, models, steps):
     step = _step(variant, TIMED_VOCAB, models)
@@ -90,5 +89,5 @@ def test_cpu_stage1_step(benchmark, variant, models, steps):
     rollouts = step.rollouts(steps[0], seed=0)
     assert len(rollouts.completions) == CFG.prompts * CFG.group_size
     assert all(len(c) == CFG.new_tokens for c in rollouts.completions)
-    result = stage1.step_result(step, TIMED_VOCAB, CFG.warmup)
+    result = stage1_step.step_result(step, TIMED_VOCAB, CFG.warmup)
     benchmark.extra_info.update({f"{k}_ms": v for k, v in result.phases_ms.items()})

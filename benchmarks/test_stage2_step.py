@@ -1,6 +1,6 @@
-"""CPU stage-2 training-step benchmark through pytest-benchmark: ``pytest benchmarks/test_cpu_stage2.py``.
+"""CPU stage-2 training-step benchmark through pytest-benchmark: ``pytest benchmarks/test_stage2_step.py``.
 
-The rows of ``python -m benchmarks.stage2`` (see ``benchmarks/stage2.py``): ours (packed, varlen
+The rows of ``python -m benchmarks.stage2_step`` (see ``benchmarks/stage2_step.py``): ours (packed, varlen
 attention, restricted-vocabulary loss), the plain transformers way (padded, full-vocabulary
 logits), sentence-transformers' CrossEncoder with LogitScore, each at V=1024 and V=151936, in one
 pytest-benchmark group, and one table (pairs/s, tokens/s, ratios) printed at the end of the session.
@@ -20,66 +20,43 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
-from benchmarks import stage2
+from benchmarks import harness as H
+from benchmarks import stage2_step
 
 PYTEST_DEFAULTS = dict(rounds=3, warmup=1, max_tokens=2048)
-CFG = stage2.Stage2Config.from_env(**PYTEST_DEFAULTS)
+CFG = stage2_step.Stage2Config.from_env(**PYTEST_DEFAULTS)
 GRAD_RTOL = 1e-4
-
-
-class _ReportPrinter:
-    """Prints the session's stage-2 table after pytest-benchmark's own (a plugin registered at run
-    time by the report fixture, so that no conftest has to know about this suite)."""
-
-    def __init__(self, report: stage2.Report):
-        self.report = report
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
-        if not self.report.results:
-            return
-        if self.report.other_cpus is None:
-            self.report.finish()
-        terminalreporter.section("prorank-fast CPU stage-2 step benchmark (throughput)")
-        for line in self.report.table().splitlines():
-            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module")
 def workload():
-    wl = stage2.build_workload(CFG, CFG.warmup + CFG.rounds)
+    wl = stage2_step.build_workload(CFG, CFG.warmup + CFG.rounds)
     yield wl
     wl.tmp.cleanup()
 
 
 @pytest.fixture(scope="module")
-def stage2_report(request, workload):
-    report = stage2.Report(CFG, threads=torch.get_num_threads(), waste=workload.waste, load_before=stage2._load())
+def stage2_report(print_at_end, workload):
+    report = stage2_step.Report(CFG, waste=workload.waste).start()
     timed = workload.batches[CFG.warmup :] or workload.batches
     report.pairs_per_step = sum(b.num_pairs for b in timed) / len(timed)
     report.tokens_per_step = sum(b.num_tokens for b in timed) / len(timed)
-    report.counters = stage2.cpu_counters()
-    request.config.pluginmanager.register(_ReportPrinter(report), "prorank-fast-stage2-report")
+    print_at_end(report, "prorank-fast CPU stage-2 step benchmark (throughput)")
     yield report
     report.finish()  # the machine's load over this file's benchmarks only
-
-
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 @pytest.mark.parametrize("vocab", CFG.vocab_list)
 def test_stage2_same_loss(vocab, workload):
     """ours, padded (and st where it runs): the same loss on batch 0 at the same initial weights."""
-    variants = [v for v in stage2.VARIANTS if not stage2.unavailable(v)]
-    steps = {v: stage2.make_step(v, workload, CFG, vocab) for v in variants}
+    variants = [v for v in stage2_step.VARIANTS if not stage2_step.unavailable(v)]
+    steps = {v: stage2_step.make_step(v, workload, CFG, vocab) for v in variants}
     batch = workload.batches[0]
     losses = {v: s.loss(batch) for v, s in steps.items()}
     assert all(math.isfinite(x) for x in losses.values()), losses
     for v in variants[1:]:
-        assert _rel(losses[v], losses["ours"]) <= stage2.LOSS_RTOL, (v, losses)
+        assert H.rel_diff(losses[v], losses["ours"]) <= stage2_step.LOSS_RTOL, (v, losses)
     if vocab != min(CFG.vocab_list):
         return
     gold = steps["ours"].gradients(batch)
@@ -92,25 +69,25 @@ def test_stage2_same_loss(vocab, workload):
         assert float(num / den) <= GRAD_RTOL, (v, float(num / den))
 
 
-@pytest.mark.benchmark(group=stage2.GROUP, disable_gc=True)
-@pytest.mark.parametrize("variant", stage2.VARIANTS)
+@pytest.mark.benchmark(group=stage2_step.GROUP, disable_gc=True)
+@pytest.mark.parametrize("variant", stage2_step.VARIANTS)
 @pytest.mark.parametrize("vocab", CFG.vocab_list)
 def test_cpu_stage2_step(benchmark, vocab, variant, workload, stage2_report):
-    reason = stage2.unavailable(variant)
+    reason = stage2_step.unavailable(variant)
     if reason:
-        stage2_report.add(stage2.Result(vocab, variant, skipped=reason))
+        stage2_report.add(stage2_step.Result(vocab, variant, skipped=reason))
         pytest.skip(reason)
-    step = stage2.make_step(variant, workload, CFG, vocab)
-    runner = stage2.Runner(step, workload.batches, CFG.warmup)
+    step = stage2_step.make_step(variant, workload, CFG, vocab)
+    runner = stage2_step.Runner(step, workload.batches, CFG.warmup)
     check = step.loss(workload.batches[0])
     benchmark.extra_info.update(vocab=vocab, variant=variant, config=CFG.describe(), note=step.note)
 
     loss = benchmark.pedantic(runner, rounds=CFG.rounds, warmup_rounds=CFG.warmup, iterations=1)
     assert math.isfinite(loss)
 
-    result = stage2.finish_result(runner, vocab, check)  # its own records: pairs and tokens vary by step
+    result = stage2_step.finish_result(runner, vocab, check)  # its own records: pairs and tokens vary by step
     benchmark.extra_info.update(pairs_per_s=result.pairs_per_s.median, tokens_per_s=result.tokens_per_s.median)
     stage2_report.add(result)
     ours = stage2_report.results.get((vocab, "ours"))
     if ours is not None and ours.check_loss is not None and variant != "ours":
-        assert _rel(check, ours.check_loss) <= stage2.LOSS_RTOL, (variant, check, ours.check_loss)
+        assert H.rel_diff(check, ours.check_loss) <= stage2_step.LOSS_RTOL, (variant, check, ours.check_loss)

@@ -1,4 +1,4 @@
-"""CPU reranking throughput through pytest-benchmark: ``pytest benchmarks/test_cpu_rerank.py``.
+"""CPU reranking throughput through pytest-benchmark: ``pytest benchmarks/test_rerank.py``.
 
 The rows of ``python -m benchmarks.rerank`` (see ``benchmarks/rerank.py``): ours (``Reranker.predict``)
 and sentence-transformers' ``CrossEncoder.predict`` on the same exported tiny model and the same pairs,
@@ -16,27 +16,11 @@ Before any timing, ``test_rerank_same_scores`` checks that both rows score every
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks import rerank
 
 PYTEST_DEFAULTS = dict(queries=4, docs=50, rounds=3, warmup=1)
 CFG = rerank.RerankConfig.from_env(**PYTEST_DEFAULTS)
-
-
-class _ReportPrinter:
-    def __init__(self, report: rerank.Report):
-        self.report = report
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
-        if not self.report.results:
-            return
-        if self.report.other_cpus is None:
-            self.report.finish()
-        terminalreporter.section("prorank-fast CPU reranking benchmark (documents/s)")
-        for line in self.report.table().splitlines():
-            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +31,9 @@ def workload():
 
 
 @pytest.fixture(scope="module")
-def rerank_report(request, workload):
-    report = rerank.Report(CFG, pairs=len(workload.pairs), threads=torch.get_num_threads(), load_before=rerank._load())
-    report.counters = rerank.cpu_counters()
-    request.config.pluginmanager.register(_ReportPrinter(report), "prorank-fast-rerank-report")
+def rerank_report(print_at_end, workload):
+    report = rerank.Report(CFG, pairs=len(workload.pairs)).start()
+    print_at_end(report, "prorank-fast CPU reranking benchmark (documents/s)")
     yield report
     report.finish()
 
