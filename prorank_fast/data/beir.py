@@ -358,18 +358,7 @@ def _read_qrels(
             if not is_int(score):
                 raise loc.error("score", f"{score!r} is not an integer", "bad_label")
             rel = int(score)
-            prev = qrels.setdefault(qid, {}).get(did)
-            if prev is not None:
-                if prev != rel:
-                    raise loc.error(
-                        "score",
-                        f"({qid}, {did}) judged {rel} here and {prev} at line {lines[qid, did].index}",
-                        "conflicting_label",
-                    )
-                repeated += 1
-                continue
-            qrels[qid][did] = rel
-            lines[qid, did] = loc
+            repeated += add_judgement(qrels, lines, qid, did, rel, loc)
     if not qrels:
         raise BeirFormatError(f"{path}: no judgements", reason="io")
     if repeated:
@@ -455,3 +444,22 @@ def clean_collection(
         skipped=skipped,
         source=source,
     )
+
+
+def add_judgement(qrels: Qrels, seen: dict, qid: str, did: str, rel: int, loc: Loc) -> bool:
+    """Record qrels[qid][did] = rel, `seen[qid, did]` = where. True when the same judgement
+    was there already (a repeated row, counted by the caller); a different score for the pair
+    is an error naming both places."""
+    prev = qrels.setdefault(qid, {}).get(did)
+    if prev is not None:
+        if prev != rel:
+            first = seen[qid, did]
+            raise loc.error(
+                "score",
+                f"({qid}, {did}) judged {rel} here and {prev} at {first.kind} {first.index}",
+                "conflicting_label",
+            )
+        return True
+    qrels[qid][did] = rel
+    seen[qid, did] = loc
+    return False

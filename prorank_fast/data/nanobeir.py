@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BeirFormatError
-from .beir import BeirData, Qrels, clean_collection, id_value, is_int, load_beir, text_value
+from .beir import BeirData, Qrels, add_judgement, clean_collection, id_value, is_int, load_beir, text_value
 from .records import Loc
 
 _HF_SUBSETS = ("corpus", "queries", "qrels")
@@ -93,18 +93,9 @@ def load_hf_beir(name: str, split: str | None = None) -> BeirData:
         qid = id_value(raw_q, loc, "query-id")
         did = id_value(raw_d, loc, "corpus-id")
         rel = 1 if scores is None else _hf_int(scores[i], loc, "score")
-        prev = qrels.setdefault(qid, {}).get(did)
-        if prev is not None:
-            if prev != rel:
-                raise loc.error(
-                    "score",
-                    f"({qid}, {did}) judged {rel} here and {prev} at row {first_row[qid, did].index}",
-                    "conflicting_label",
-                )
+        if add_judgement(qrels, first_row, qid, did, rel, loc):
             repeated += 1
             continue
-        qrels[qid][did] = rel
-        first_row[qid, did] = loc
         qrels_locs.setdefault(qid, loc)
     if not qrels:
         raise BeirFormatError(f"{where['qrels']}: no judgements", reason="io")

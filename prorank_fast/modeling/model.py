@@ -29,18 +29,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from . import attention  # noqa: F401  (registers the "prorank_varlen" attention implementation)
 from .attention import set_varlen_backend
 
-__all__ = [
-    "TINY_DEFAULTS",
-    "apply_liger_kernels",
-    "backbone",
-    "build_tiny_model",
-    "liger_available",
-    "lm_head_weight",
-    "load_model",
-    "load_tokenizer",
-    "resolve_dtype",
-]
-
 logger = logging.getLogger(__name__)
 
 # Qwen2 architecture at toy scale. tie_word_embeddings=True as in Qwen2.5-0.5B (the LM head
