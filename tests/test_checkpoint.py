@@ -258,3 +258,52 @@ def test_state_without_an_encoding_fails_at_save(tmp_path):
     ckpt = Checkpointer(tmp_path, D, keep=1)  # Rollouts not declared
     with pytest.raises(TypeError, match=r"state\.rollouts\.1: a Rollouts has no checkpoint encoding"):
         ckpt.save(1, model, optimizer, scheduler, _state())
+
+
+def test_tampered_dcp_metadata_is_refused_and_nothing_runs(tmp_path):
+    """DCP unpickles .metadata with plain pickle: a payload planted there is refused first."""
+    ckpt, folder, _ = _saved(tmp_path / "run")
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    model, optimizer, scheduler = _setup(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"\.metadata: not DCP metadata .*io\.open is not part of"):
+        ckpt.load(folder, model, optimizer, scheduler)
+    assert not marker.exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_dcp_metadata_that_names_a_foreign_class_is_refused(tmp_path):
+    """The allowlist is the point: real metadata passes (the round trips above), metadata
+    naming a class outside DCP's metadata module does not, even a harmless one."""
+    from prorank_fast.loop.checkpoint import check_dcp_metadata
+
+    _, folder, _ = _saved(tmp_path / "run")
+    check_dcp_metadata(folder)  # what save() wrote is accepted
+    (folder / ".metadata").write_bytes(pickle.dumps(random.Random(0)))
+    with pytest.raises(CheckpointError, match=r"random\.Random is not part of DCP's checkpoint metadata"):
+        check_dcp_metadata(folder)
+
+
+def test_optimizer_entries_in_the_shards_are_read_weights_only(tmp_path):
+    """DCP reads non-tensor entries (the optimizer's param_groups) with torch.load(weights_only=
+    False): the planner Checkpointer.load passes reads them with weights_only=True first, so a
+    pickle planted among them is refused instead of run; plain entries still load."""
+    import io
+    import types
+
+    from prorank_fast.loop.checkpoint import _weights_only_load_planner
+
+    marker = tmp_path / "pwned"
+    evil = io.BytesIO()
+    torch.save(Payload(marker), evil)
+    evil.seek(0)
+    item = types.SimpleNamespace(dest_index=types.SimpleNamespace(fqn="optim.param_groups.0.lr"))
+    with pytest.raises(CheckpointError, match=r"optim\.param_groups\.0\.lr: not plain data"):
+        _weights_only_load_planner().load_bytes(item, evil)
+    assert not marker.exists()
+    # and a real checkpoint's entries (floats, tuples, lists of ints) load through it exactly
+    ckpt, folder, (model, optimizer, scheduler) = _saved(tmp_path / "run")
+    fresh = _setup(1)
+    ckpt.load(folder, *fresh)
+    assert fresh[1].state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]

@@ -9,14 +9,24 @@ that is not what this module writes (an old pickled extra_rank{r}.pt, a type tag
 does not know, a tensor the JSON names but the safetensors file lacks) is refused with
 CheckpointError, before DCP reads anything.
 
+DCP itself unpickles: its `.metadata` with plain pickle.load, and the non-tensor entries of
+the state (the optimizer's param_groups) with torch.load(weights_only=False). So before
+dcp.load the `.metadata` is unpickled once with an unpickler that resolves only the classes
+DCP's metadata is made of (check_dcp_metadata), and the load runs with a planner that reads
+those entries with weights_only=True (_WeightsOnlyLoadPlanner): a pickle planted in either
+is refused with CheckpointError and never runs.
+
 Encoded values: None, bool, int, float, str, lists, dicts with str keys as themselves; tuples,
 dicts with other keys, tensors and the classes a stage names (`types`: each with
 `to_state() -> dict` and a classmethod `from_state(dict)`) as {"__type__": ...} objects."""
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -38,6 +48,69 @@ TAG = "__type__"
 _STEP_NAME = re.compile(r"step_\d+")
 # what restoring a decoded value may raise when the value is not what the code expects
 _BAD_VALUE = (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError, OverflowError)
+
+
+# What DCP's .metadata may name besides the classes of torch.distributed.checkpoint.metadata
+# (Metadata, MetadataIndex, TensorStorageMetadata, ... and the memory-format enum): the
+# filesystem writer's storage record, tensor sizes, dtypes, layouts and the folder path.
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch":
+            allowed = name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+        elif module == _DCP_METADATA_MODULE:  # its dataclasses and enums: building them runs no code of the pickle's
+            allowed = isinstance(getattr(importlib.import_module(module), name, None), type)
+        else:
+            allowed = (module, name) in _DCP_METADATA_GLOBALS
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata(folder: Path) -> None:
+    """Unpickle `folder/.metadata` resolving only what DCP's metadata is made of; a pickle that
+    names anything else (a function to call, a class of another module) raises CheckpointError
+    before it can run. dcp.load unpickles the same file without such a check."""
+    path = Path(folder) / ".metadata"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a torch.distributed.checkpoint folder); refusing to resume")
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to read it as metadata is a refusal
+        raise CheckpointError(f"{path}: not DCP metadata this version can read safely ({e}); refusing to resume") from e
+
+
+def _weights_only_load_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        """DCP's planner, but the non-tensor entries are unpickled with weights_only=True first."""
+
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{read_item.dest_index.fqn}: not plain data ({e}); refusing to resume") from e
+            clean = io.BytesIO()
+            torch.save(obj, clean)  # the default planner re-reads it: now our own plain bytes
+            clean.seek(0)
+            super().load_bytes(read_item, clean)
+
+    return _WeightsOnlyLoadPlanner()
 
 
 def _join(path: str, key) -> str:
@@ -267,6 +340,7 @@ class Checkpointer:
             raise error
         if refused:
             raise CheckpointError(f"{path}: another rank refused its extra state (see its error); not resuming")
+        check_dcp_metadata(path)
         unknown = set(extra["scheduler"]) - set(scheduler.state_dict())
         if unknown:
             raise CheckpointError(f"{path}: the scheduler state has unknown keys {sorted(unknown)}; refusing")
@@ -275,7 +349,14 @@ class Checkpointer:
         dcp_state = {"model": model_sd, "optim": optim_sd}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-            dcp.load(dcp_state, checkpoint_id=str(path))
+            try:
+                dcp.load(dcp_state, checkpoint_id=str(path), planner=_weights_only_load_planner())
+            except BaseException as e:  # DCP wraps a rank's error in CheckpointException (a BaseException)
+                cause = getattr(e, "failures", {}) or {}
+                refused = [f for f in (cause.values() if isinstance(cause, dict) else []) if "refusing" in str(f)]
+                if isinstance(e, CheckpointError) or refused:
+                    raise CheckpointError(f"{path}: {refused[0] if refused else e}") from e
+                raise
         set_state_dict(model, optimizer, model_state_dict=dcp_state["model"], optim_state_dict=dcp_state["optim"])
         try:
             scheduler.load_state_dict(extra["scheduler"])
