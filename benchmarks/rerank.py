@@ -115,7 +115,7 @@ def build_workload(cfg: RerankConfig) -> Workload:
 
 
 def exported_folder(wl: Workload, cfg: RerankConfig, vocab: int) -> Path:
-    """The tiny model with vocabulary ``vocab``, random weights (seeded), exported as pipeline.export does."""
+    """The tiny model with vocabulary ``vocab``, random weights (seeded), exported as export_model does."""
     if vocab not in wl.folders:
         from prorank_fast.data import get_template
         from prorank_fast.export import write_ecosystem_files

@@ -123,7 +123,7 @@ class Reranker:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
-        # The training forward (score_stage): decoder over the packed row, last positions, K head rows.
+        # The training forward (scoring.RerankerScorer): decoder over the packed row, last positions, K head rows.
         self._scorer = RerankerScorer(self.model, self.output_ids, self.token_weights)
 
     # -- loading ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Exported tiny rerankers for the Reranker / export / CLI tests: no training, no download.
 
 A demo byte-level BPE tokenizer (Qwen2 pre-tokenization, trained on a few sentences) or the
-real Qwen2 tokenizer, a randomly initialised tiny Qwen2ForCausalLM, saved as pipeline.export
+real Qwen2 tokenizer, a randomly initialised tiny Qwen2ForCausalLM, saved as export_model
 saves it (save_pretrained + tokenizer + prorank_fast.export.write_ecosystem_files).
 """
 

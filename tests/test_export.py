@@ -1,7 +1,7 @@
 """An exported folder loads in other libraries as it is and scores like Reranker.
 
 sentence-transformers' ``CrossEncoder(path)`` and transformers' ``AutoModelForCausalLM`` on a
-folder written by ``write_ecosystem_files`` (what ``pipeline.export`` calls) against
+folder written by ``write_ecosystem_files`` (what ``export_model`` calls) against
 ``Reranker.from_pretrained(path)``: the same prompt token ids and the same scores (fp32, 5e-5 on
 scores spread ~1 apart), with and without instruction, with a demo tokenizer and, when
 PRORANK_QWEN2_TOKENIZER is set, the real Qwen2 one. No training, no download.

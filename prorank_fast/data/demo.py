@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
+from ..errors import RecipeError
+
 __all__ = ["DOMAINS", "DemoPaths", "demo_texts", "make_demo", "train_demo_tokenizer"]
 
 # domain -> concepts; the first word of a concept is its canonical form (the one queries
@@ -268,9 +270,11 @@ def make_demo(
     """
     pairs = [(d, p) for d in DOMAINS for p in combinations(range(len(DOMAINS[d])), 2)]
     if not 2 <= num_queries <= len(pairs):
-        raise ValueError(f"num_queries must be in [2, {len(pairs)}], got {num_queries}")
+        raise RecipeError(f"data.demo_queries (num_queries) must be in [2, {len(pairs)}], got {num_queries}")
     if docs_per_topic < 3:
-        raise ValueError(f"docs_per_topic must be >= 3 (specific, partial, distractor), got {docs_per_topic}")
+        raise RecipeError(
+            f"data.demo_docs_per_topic must be >= 3 (specific, partial, distractor), got {docs_per_topic}"
+        )
     rng = random.Random(seed)
     topics = rng.sample(pairs, num_queries)
     n_specific = max(1, docs_per_topic // 3)

@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import DataError
+from ..errors import DataError, InputError
 from .records import Example
 
 
@@ -45,13 +45,13 @@ class PromptTemplate:
         """(positive_id, negative_id) of the output set, e.g. ("1", "0") -> (16, 15) with Qwen2.
 
         Raises:
-            ValueError: a token that the tokenizer does not encode as exactly one id.
+            InputError: a token that the tokenizer does not encode as exactly one id.
         """
         ids = []
         for token in (self.positive_token, self.negative_token):
             encoded = tokenizer.encode(token, add_special_tokens=False)
             if len(encoded) != 1:
-                raise ValueError(
+                raise InputError(
                     f"template {self.name!r}: output token {token!r} is {len(encoded)} tokens {encoded} "
                     f"with this tokenizer ({type(tokenizer).__name__}); it must be exactly one"
                 )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import RecipeError
 from ..packing import plan_micro_batches
 from .checkpoint import Checkpointer
 from .distributed import Dist
@@ -35,11 +36,14 @@ class StepPlan:
     def __init__(self, groups, max_tokens: int, seed: int, per_step: int):
         self.groups, self.max_tokens, self.seed, self.per_step = groups, max_tokens, seed, per_step
         self._plans: dict[int, list[list[int]]] = {}
-        first, self.stats = plan_micro_batches(groups, max_tokens, seed=seed)
+        try:
+            first, self.stats = plan_micro_batches(groups, max_tokens, seed=seed)
+        except ValueError as e:  # a group over the budget: the recipe's lengths and budget disagree
+            raise RecipeError(str(e)) from e
         self._plans[0] = first
         self.steps_per_epoch = len(first) // per_step
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise RecipeError(
                 f"the training data packs into {len(first)} micro-batches of train.max_tokens={max_tokens}, "
                 f"fewer than one step needs (world size x train.grad_accum = {per_step}): "
                 "lower train.max_tokens or train.grad_accum, or add data"

@@ -26,6 +26,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from ..errors import InputError, RecipeError
 from . import attention  # noqa: F401  (registers the "prorank_varlen" attention implementation)
 from .attention import set_varlen_backend
 
@@ -78,15 +79,15 @@ def build_tiny_model(
 
     vocab_size: the tokenizer's size (len(tokenizer)); a larger `tiny_cfg["vocab_size"]` wins
     (e.g. padded to a multiple of 64), a smaller one is an error. Initialisation follows
-    torch's RNG: seed it first for a reproducible model. Unknown keys raise ValueError.
+    torch's RNG: seed it first for a reproducible model. Unknown keys raise RecipeError.
     """
     cfg = {**TINY_DEFAULTS, **(tiny_cfg or {})}
     unknown = sorted(set(cfg) - _qwen2_config_keys())
     if unknown:
-        raise ValueError(f"model.tiny: unknown Qwen2Config field(s) {unknown}")
+        raise RecipeError(f"model.tiny: unknown Qwen2Config field(s) {unknown}")
     requested = cfg.pop("vocab_size", None)
     if requested is not None and requested < vocab_size:
-        raise ValueError(f"model.tiny.vocab_size={requested} is smaller than the tokenizer's {vocab_size} tokens")
+        raise RecipeError(f"model.tiny.vocab_size={requested} is smaller than the tokenizer's {vocab_size} tokens")
     cfg["vocab_size"] = max(vocab_size, requested or 0)
     if pad_token_id is not None:
         cfg["pad_token_id"] = pad_token_id
@@ -121,7 +122,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{path}: a fast (tokenizers-backed) tokenizer is required, got {type(tokenizer).__name__}")
+        raise InputError(f"{path}: a fast (tokenizers-backed) tokenizer is required, got {type(tokenizer).__name__}")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -214,7 +215,7 @@ def load_model(model_cfg: Any, tokenizer: Any, device: torch.device | str = "cpu
         model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype, attn_implementation=attn)
         emb = model.get_input_embeddings().weight.shape[0]
         if emb < vocab:
-            raise ValueError(
+            raise InputError(
                 f"{model_cfg.name_or_path}: {emb} embeddings but the tokenizer has {vocab} tokens (wrong tokenizer?)"
             )
     else:

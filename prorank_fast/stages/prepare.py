@@ -28,7 +28,7 @@ class Prepared:
     bm25_run: dict | None = None
     bm25_metrics: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
-    stage1_prompts: list = field(default_factory=list)  # grpo_stage.Stage1Prompt, training
+    stage1_prompts: list = field(default_factory=list)  # grpo.Stage1Prompt, training
     stage1_eval_prompts: list = field(default_factory=list)  # held-out, for accuracy before/after
     token_weights: tuple[float, ...] = (1.0, -1.0)  # stage2.token_weights, or the template's
 
@@ -86,7 +86,7 @@ def prepare(cfg: Recipe, out: Path, d) -> Prepared:
         max_examples=cfg.data.max_examples, instruction=cfg.data.instruction, seed=cfg.train.seed,
     )  # fmt: skip
     if cfg.stage2.loss == "distill" and any(ex.teacher_scores is None for ex in examples):
-        raise ValueError(f"{paths['train']}: stage2.loss=distill needs teacher scores (pos_scores/neg_scores)")
+        raise DataError(f"{paths['train']}: stage2.loss=distill needs teacher scores (pos_scores/neg_scores)")
     if cfg.stage2.loss in ("bce", "mse"):
         _labels_to_unit_interval(examples, paths["train"])
     groups = data_mod.tokenize_examples(examples, tokenizer, template, cfg.data.max_length, cfg.data.min_query_tokens)
