@@ -45,16 +45,23 @@ if triton is not None:
 
         Entropy is accumulated as sum e^(z-m) * (z-m) relative to the running max m, so that
         logits of magnitude 1e4 do not cancel catastrophically in lse - E[z].
+
+        The target's logit is picked out of the tiles as they stream by (kept per lane, summed
+        once at the end), never re-read from the row afterwards: a caller may rewrite the row in
+        place right after this returns (write_grad_logits), and the warps of one program do not
+        wait for each other between the two, so a late read of row[tok] could see a gradient.
         """
         m = -float("inf")
         s = 0.0
         a = 0.0
+        zt_lanes = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < V
             z = tl.load(row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
             if HAS_BIAS:
                 z += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            zt_lanes = tl.where(cols == tok, z, zt_lanes)
             z = z * inv_t
             m_new = tl.maximum(m, tl.max(z, axis=0))
             scale = tl.exp(m - m_new)
@@ -65,9 +72,7 @@ if triton is not None:
             s = s * scale + tl.sum(e, axis=0)
             m = m_new
         lse = m + tl.log(s)
-        zt = tl.load(row_ptr + tok).to(tl.float32)
-        if HAS_BIAS:
-            zt += tl.load(bias_ptr + tok).to(tl.float32)
+        zt = tl.sum(zt_lanes, axis=0)  # one lane holds row[tok] + bias[tok], the others 0: exact
         logp = zt * inv_t - lse
         entropy = tl.log(s) - a / s
         return lse, logp, entropy
