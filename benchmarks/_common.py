@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -307,6 +308,16 @@ def git_commit() -> str:
         return head[:12]
     except OSError:
         return "unknown"
+
+
+def source_digest() -> str:
+    """sha256 (12 hex) of the code that runs: every .py under kernels/, prorank_fast/ and
+    benchmarks/, by path and content. .git on a device machine's copy can lag behind the files
+    it received; this names the tree itself (recompute it on any checkout to find the commit)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for d in ("kernels", "prorank_fast", "benchmarks") for p in (ROOT / d).rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def utc_now() -> _dt.datetime:

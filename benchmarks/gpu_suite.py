@@ -153,6 +153,7 @@ def environment(suite: H.Suite) -> dict:
         "liger-kernel": v["liger-kernel"] + (f" ({_liger_path()})" if v["liger-kernel"] != "missing" else ""),
         "python": v["python"],
         "commit": C.git_commit(),
+        "source sha256": C.source_digest(),
         "ours impl": suite.args.impl,
         "tf32 matmul": str(torch.backends.cuda.matmul.allow_tf32),
         "mode": "SMOKE (tiny sizes, not a measurement)" if suite.args.smoke else "full",
