@@ -101,8 +101,11 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_every_module_has_a_layer():
-    for module in _sources():
-        _layer(module)
+    layers = {module: _layer(module) for module in _sources()}
+    assert layers["prorank_fast.kernels.lm_head"] == 0 and layers["prorank_fast.cli"] == layers["prorank_fast"]
+    assert all(0 <= layer < len(LAYERS) for layer in layers.values())
+    with pytest.raises(AssertionError, match="is in no layer"):
+        _layer("somewhere_else.module")
 
 
 def test_imports_go_downward_only():
