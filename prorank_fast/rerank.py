@@ -30,7 +30,7 @@ import torch
 from . import data as data_mod
 from .data.records import iter_jsonl, text_field
 from .errors import DataError
-from .modeling import ATTN_IMPLEMENTATION, load_tokenizer, resolve_dtype, set_varlen_backend
+from .modeling import ATTN_IMPLEMENTATION, enable_autocast, load_tokenizer, resolve_dtype, set_varlen_backend
 from .packing import budget_batches, pack_sequences
 from .scoring import RerankerScorer
 
@@ -140,6 +140,7 @@ class Reranker:
         instruction: str | None = None,
         template: str | None = None,
         varlen_backend: str | None = None,
+        autocast: str | None = None,
     ) -> Reranker:
         """Load a folder written by ``export.export_model`` (``final/``): safetensors, tokenizer and
         ``config.json["prorank"]`` (template, output_token_ids, token_weights, instruction, max_length).
@@ -148,6 +149,7 @@ class Reranker:
         max_length / instruction / template override the export's. A folder without a "prorank"
         entry (e.g. mxbai-rerank-v2 itself) loads when ``template`` is given.
         varlen_backend: force "flash_attn" | "torch_varlen" | "sdpa" (process-wide; default: auto).
+        autocast: "bfloat16" runs the decoder under torch.autocast (the head stays in `dtype`).
         """
         from transformers import AutoModelForCausalLM
 
@@ -170,6 +172,8 @@ class Reranker:
             set_varlen_backend(varlen_backend)
         tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        if autocast:
+            enable_autocast(model, resolve_dtype(autocast))
         use_template = template or entry.get("template", "prorank")
         same_template = template is None or template == entry.get("template")
         return cls(

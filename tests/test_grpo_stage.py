@@ -3,6 +3,7 @@ sampling from one prefill, rewards, advantages, micro-batch normalisation, bad i
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 
@@ -13,6 +14,7 @@ from prorank_fast.config import RecipeError, load_recipe
 from prorank_fast.data import Example
 from prorank_fast.errors import Stage1InputError
 from prorank_fast.grpo import (
+    REWARD_FUNCTIONS,
     GRPOOptions,
     PolicyForGRPO,
     RewardContext,
@@ -26,8 +28,9 @@ from prorank_fast.grpo import (
     sample_group_completions,
     stage1_prompts,
 )
+from prorank_fast.grpo.rewards import grade_shares, parse_answer
 from prorank_fast.kernels.reference import grpo_loss_from_logprobs
-from prorank_fast.modeling import build_tiny_model
+from prorank_fast.modeling import backbone, build_tiny_model
 
 V = 97
 TINY = {
@@ -288,3 +291,95 @@ def test_stage1_prompts_reject_non_binary_labels_and_empty_text():
 def test_bad_stage1_settings_fail_when_the_recipe_loads(override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe("tiny", ["stage1.enabled=true", override])
+
+
+def test_parse_answer_grades_and_extracts_the_answer():
+    ctx = RewardContext(output_ids=(16, 15), stop_ids=(2,), digit_ids=frozenset({16, 15, 17}))
+    cases = {
+        (16,): (16, "exact"),
+        (15, 2): (15, "exact"),
+        (16, 2, 7): (16, "first"),  # the end token then more: not the exact format
+        (16, 7, 8): (16, "first"),
+        (7, 8, 15, 9): (15, "anywhere"),
+        (7, 15, 16, 9): (None, "none"),  # "01": a number, not an answer
+        (7, 17, 16, 9): (None, "none"),  # glued to another digit
+        (7, 8, 2, 16): (None, "none"),  # after the end token nothing counts
+        (): (None, "none"),
+    }
+    for completion, expected in cases.items():
+        assert parse_answer(list(completion), ctx) == expected, completion
+    comps = [list(c) for c in cases]
+    labels = [1, 0, 1, 0, 0, 1, 1, 1, 0]
+    graded = REWARD_FUNCTIONS["graded_format"](comps, labels, ctx)
+    assert graded == [1.0, 1.0, 0.5, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0]
+    assert REWARD_FUNCTIONS["parsed_correctness"](comps, labels, ctx) == [1, 1, 1, 0, 1, 0, 0, 0, 0]
+    # the strict rewards are unchanged by the parser: exact answers only
+    assert REWARD_FUNCTIONS["correctness"](comps, labels, ctx) == [1, 1, 0, 0, 0, 0, 0, 0, 0]
+    shares = grade_shares(comps, ctx)
+    assert shares == {"format_exact": 2 / 9, "format_first": 2 / 9, "format_anywhere": 1 / 9, "format_none": 4 / 9}
+
+
+def test_balanced_prompt_order_alternates_labels():
+    from prorank_fast.stages.stage1 import _batch, _prompt_order
+
+    labels = [1] * 10 + [0] * 30
+    order = _prompt_order(labels, seed=3, epoch=0, balance=True)
+    assert len(order) == 20 and len(set(order)) == 20
+    assert [labels[i] for i in order] == [1, 0] * 10
+    batch = _batch(order, 1, 8, seed=3, index=1)
+    assert sorted(labels[i] for i in batch) == [0] * 4 + [1] * 4 and set(batch) == set(order[8:16])
+    assert _prompt_order(labels, 3, 0, True) == order and _prompt_order(labels, 3, 1, True) != order
+    assert sorted(_prompt_order(labels, 3, 0, False)) == list(range(40))
+
+
+def test_rollouts_concat_keeps_groups_and_advantages():
+    ctx = RewardContext(output_ids=(16, 15), stop_ids=(2,))
+
+    def rollouts(comps, labels):
+        per = [y for y in labels for _ in range(2)]
+        rewards, parts = compute_rewards(("format", "correctness"), (1.0, 1.0), comps, per, ctx)
+        adv, zero = group_advantages(rewards, 2, "group")
+        r = Rollouts([[1, 2]] * len(labels), labels, comps, adv.float(), rewards, parts, zero, 2)
+        r.extra["grades"] = grade_shares(comps, ctx)
+        return r
+
+    a = rollouts([[16], [15], [7], [7]], [1, 0])
+    b = rollouts([[15], [15]], [0])
+    both = Rollouts.concat([a, b])
+    assert both.completions == a.completions + b.completions and both.labels == [1, 0, 0]
+    assert both.kept_groups() == [0] and both.extra["draws"] == 2
+    torch.testing.assert_close(both.advantages, torch.cat([a.advantages, b.advantages]))
+    assert both.extra["grades"]["format_exact"] == 4 / 6
+
+
+def test_answer_entropy_floor_adds_its_penalty_and_raises_the_entropy(lm):
+    """The penalty is coef * sum_p max(0, floor - H_p) * penalty_scale, where H_p is the entropy of
+    softmax(z[output_ids]) at prompt p's last position; its gradient raises H."""
+    lm = copy.deepcopy(lm)
+    with torch.no_grad():  # a confident answer: the random model's is a coin (entropy ~ ln 2)
+        lm.lm_head.weight[16] *= 40.0
+    prompts, completions, owner = _random_case([5, 7], [[1, 2], [1]], seed=3)
+    batch = make_group_batch(prompts, completions, owner, advantages=[0.5, -0.5, 1.0, -1.0][: len(completions)])
+    policy = PolicyForGRPO(lm)
+    base = GRPOOptions()
+    floor = GRPOOptions(output_ids=(16, 15), answer_entropy_floor=0.69, answer_entropy_coef=2.0)
+    loss0, _ = policy(batch, head="grpo", options=base)
+    loss1, metrics = policy(batch, head="grpo", options=floor, penalty_scale=0.25)
+    with torch.no_grad():  # each prompt alone, its last position
+        last = torch.stack([backbone(lm)(input_ids=torch.tensor([p])).last_hidden_state[0, -1] for p in prompts])
+        entropy = torch.distributions.Categorical(logits=last @ lm.lm_head.weight[[16, 15]].t()).entropy()
+    assert float(entropy.min()) < 0.5
+    torch.testing.assert_close(metrics["answer_entropy"], entropy.mean(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss1 - loss0, 2.0 * (0.69 - entropy).clamp(min=0).sum() * 0.25, atol=1e-5, rtol=1e-4)
+    # the penalty's gradient points against the answer entropy's: descending it raises the entropy
+    params = [p for p in lm.parameters() if p.requires_grad]
+    penalty = policy(batch, head="grpo", options=floor)[0] - policy(batch, head="grpo", options=base)[0]
+    entropy_now = policy(batch, head="grpo", options=floor)[1]["answer_entropy"]
+    assert entropy_now.requires_grad is False  # a metric: detached
+    g_penalty = torch.autograd.grad(penalty, params, allow_unused=True)
+    states = policy._states(batch)[: batch.num_prompts]
+    h = torch.distributions.Categorical(logits=states @ lm.lm_head.weight[[16, 15]].t()).entropy().sum()
+    g_entropy = torch.autograd.grad(h, params, allow_unused=True)
+    pairs = [(a, b) for a, b in zip(g_penalty, g_entropy, strict=True) if a is not None and b is not None]
+    dot = sum(float((a * b).sum()) for a, b in pairs)
+    assert dot < 0

@@ -149,3 +149,45 @@ def test_load_tokenizer_json_file(tokenizer, tmp_path):
     tokenizer.backend_tokenizer.save(str(path))
     tok = load_tokenizer(path)
     assert tok("w1 w2")["input_ids"] == tokenizer("w1 w2")["input_ids"]
+
+
+FAMILIES = {
+    "llama": {"head_dim": 16},
+    "qwen3": {"head_dim": 16},  # q/k norms
+    "mistral": {"head_dim": 16, "sliding_window": None},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_other_families_load_and_score_packed_rows_like_one_sequence_each(model_type, tokenizer, tmp_path):
+    """Llama, Qwen3 and Mistral *ForCausalLM folders load with the packed varlen attention, and a
+    packed row gives each sequence the hidden states it has alone (eager attention, no packing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), num_key_value_heads=2, **TINY,
+                                  **FAMILIES[model_type])  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+    model = load_model(ModelConfig(name_or_path=str(tmp_path / model_type)), tokenizer, "cpu").eval()
+    assert model.config.model_type == model_type and model.config._attn_implementation == attn.ATTN_IMPLEMENTATION
+    sequences = [[5, 6, 7, 8], [9], [10, 11, 12]]
+    batch = pack_sequences(sequences, [1.0, 0.0, 0.0])
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / model_type, attn_implementation="eager").eval()
+    with torch.no_grad():
+        packed = backbone(model)(**batch.model_inputs()).last_hidden_state[0]
+        alone = torch.cat([backbone(reference)(input_ids=torch.tensor([s])).last_hidden_state[0] for s in sequences])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_autocast_runs_the_decoder_in_bf16_and_hands_back_fp32(tokenizer):
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(tiny=TINY, autocast="bfloat16"), tokenizer, "cpu")
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    batch = pack_sequences([[5, 6, 7, 8], [9]], [1.0, 0.0])
+    out = backbone(model)(**batch.model_inputs()).last_hidden_state
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    assert next(model.parameters()).dtype == torch.float32
+    out.sum().backward()  # gradients reach the fp32 weights
+    assert model.model.layers[0].mlp.down_proj.weight.grad.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")  # the context does not leak out of the forward

@@ -60,7 +60,11 @@ def test_embedded_default_improves_ndcg(tmp_path):
     assert 0.0 < summary["bm25_ndcg@10"] < 1.0
     assert summary["packing_waste"] < 0.05
     assert summary["train_tokens_per_s"] > 0 and summary["wall_time_s"] > 0
-    assert "nDCG@10 on" in proc.stdout
+    table = summary["held_out"]  # stage 2 alone: before = the untrained model, after = stage 2 alone
+    assert (table["ndcg@10_zero_shot"], table["ndcg@10_stage2_alone"]) == (summary["ndcg@10_before"],
+                                                                          summary["ndcg@10_after"])  # fmt: skip
+    assert f"ndcg@10_stage2_alone           {summary['ndcg@10_after']:.4f}" in proc.stdout
+    assert "held out: 30 queries\n" in proc.stdout
     # artefacts: curves, metrics, export with the output set recorded for other loaders
     assert (out / "curves.png").stat().st_size > 0
     assert len(_losses(out)) == 60

@@ -3,6 +3,7 @@
 records.py   Example, ReadStats, Loc, field checks, JSONL / Parquet / `datasets` record sources
 readers.py   read_examples: files, BEIR folders, `datasets` names -> Examples; shape_group
 beir.py      BeirData and the one BEIR / NanoBEIR loader (training and evaluation)
+splits.py    a collection's queries split into training / held-out; BM25-mined groups and balanced pairs
 templates.py PromptTemplate, TEMPLATES, token-id prompts with document-only truncation
 demo.py      the generated demo collection and its tokenizer
 """

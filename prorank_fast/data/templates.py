@@ -34,6 +34,9 @@ class PromptTemplate:
     default_instruction: str | None = None
     # score = sum_k w_k z[token_k] over (positive, negative): the logit difference
     token_weights: tuple[float, float] = (1.0, -1.0)
+    # The chat-format tokens the template is written in: each must be one token of the model's
+    # vocabulary (a model without them would read the prompt as plain text).
+    chat_tokens: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")
 
     def text(self, query: str, document: str, instruction: str | None = None) -> str:
         """The prompt as a string (what :meth:`build` decodes to without truncation)."""
@@ -57,6 +60,25 @@ class PromptTemplate:
                 )
             ids.append(int(encoded[0]))
         return ids[0], ids[1]
+
+    def check_tokenizer(self, tokenizer, source: str) -> tuple[int, int]:
+        """Check that the tokenizer of `source` (a model or tokenizer path) has every chat token
+        of the template as one token, and the output tokens as one token each; returns the
+        output ids. Raises InputError naming `source` and the missing tokens."""
+        missing = []
+        for token in self.chat_tokens:
+            encoded = tokenizer.encode(token, add_special_tokens=False)
+            if len(encoded) != 1 or encoded[0] == tokenizer.unk_token_id:
+                missing.append(f"{token!r} -> {len(encoded)} tokens {encoded[:6]}")
+        if missing:
+            raise InputError(
+                f"{source}: the tokenizer lacks the special tokens template {self.name!r} is written in "
+                f"({'; '.join(missing)}): use a model with this chat format or another data.template"
+            )
+        try:
+            return self.output_token_ids(tokenizer)
+        except InputError as exc:
+            raise InputError(f"{source}: {exc}") from None
 
     def build(
         self,

@@ -155,6 +155,29 @@ class Rollouts:
             raise ValueError("a tensor field holds something else")
         return cls(**state)
 
+    @classmethod
+    def concat(cls, parts: list[Rollouts]) -> Rollouts:
+        """Several draws of one step as one (dynamic sampling's refills); advantages stay per group."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        if any(p.old_logprobs is not None or p.ref_logprobs is not None for p in parts):
+            raise ValueError("concatenate rollouts before computing their old / reference log-probs")
+        n = sum(len(p.completions) for p in parts)
+        grades = {k: sum(p.extra.get("grades", {}).get(k, 0.0) * len(p.completions) for p in parts) / n
+                  for k in first.extra.get("grades", {})}  # fmt: skip
+        return cls(
+            prompts=[x for p in parts for x in p.prompts],
+            labels=[x for p in parts for x in p.labels],
+            completions=[x for p in parts for x in p.completions],
+            advantages=torch.cat([p.advantages for p in parts]),
+            rewards=torch.cat([p.rewards for p in parts]),
+            reward_parts={k: torch.cat([p.reward_parts[k] for p in parts]) for k in first.reward_parts},
+            zero_variance=torch.cat([p.zero_variance for p in parts]),
+            group_size=first.group_size,
+            extra={"grades": grades, "draws": len(parts)},
+        )
+
     def group_batch(self, groups: list[int]) -> GroupBatch:
         g = self.group_size
         comps, owner, adv = [], [], []

@@ -32,6 +32,12 @@ class GRPOOptions:
     loss_type: str = "dapo"
     importance_sampling_level: str = "token"
     max_completion_length: int | None = None
+    # Answer-entropy floor (ours, against the collapse to one answer): the entropy of the answer
+    # distribution over the output set at each prompt's answer position, softmax(z[output_ids]),
+    # is kept above `answer_entropy_floor` nats by a penalty coef * max(0, floor - H) per prompt.
+    output_ids: tuple[int, ...] = ()
+    answer_entropy_floor: float = 0.0
+    answer_entropy_coef: float = 1.0
 
 
 class PolicyForGRPO(torch.nn.Module):
@@ -57,6 +63,10 @@ class PolicyForGRPO(torch.nn.Module):
 
     def completion_states(self, batch: GroupBatch) -> torch.Tensor:
         """[N, H]: for each completion token, the hidden state that predicts it."""
+        return self._states(batch).index_select(0, batch.pred_index)
+
+    def _states(self, batch: GroupBatch) -> torch.Tensor:
+        """cat([each prompt's last state [P, H], the completion row's states]): pred_index's domain."""
         device = batch.prompt_ids.device
         prefix = SharedPrefix()
         prefix.begin_pass(
@@ -69,25 +79,36 @@ class PolicyForGRPO(torch.nn.Module):
             ranges = prompt_ranges(batch.prompt_lengths)
             prefix.begin_pass([ranges[p] for p in batch.comp_prompt], batch.comp_lengths, append=False, device=device)
             states.append(self._decoder(batch.comp_ids, batch.comp_positions, prefix))
-        return torch.cat(states).index_select(0, batch.pred_index)
+        return torch.cat(states)
 
     def forward(self, batch=None, *, head: str = "grpo", options: GRPOOptions | None = None,
-                num_items_in_batch=None, input_ids=None, positions=None, prefix=None, rows=None):  # fmt: skip
+                num_items_in_batch=None, input_ids=None, positions=None, prefix=None, rows=None,
+                penalty_scale: float = 1.0):  # fmt: skip
         weight = lm_head_weight(self.lm)
         if head == "sample":
             states = self._decoder(input_ids, positions, prefix).index_select(0, rows)
             return (states @ weight.t()).float()  # in the head's dtype: no fp32 copy of [V, H] per call
-        hidden = self.completion_states(batch)
+        states = self._states(batch)
+        hidden = states.index_select(0, batch.pred_index)
         if head == "logprobs":
             t = options.temperature if options is not None else 1.0
             return fused_linear_logprobs(hidden, weight, batch.token_ids, temperature=t)
         if head != "grpo":
             raise ValueError(f"head must be grpo | logprobs | sample, got {head!r}")
         o = options or GRPOOptions()
-        return fused_linear_grpo_loss(
+        loss, metrics = fused_linear_grpo_loss(
             hidden, weight, batch.token_ids, batch.advantages, batch.seq_ids,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs if o.beta else None,
             beta=o.beta, epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, delta=o.delta,
             temperature=o.temperature, loss_type=o.loss_type, importance_sampling_level=o.importance_sampling_level,
             max_completion_length=o.max_completion_length, num_items_in_batch=num_items_in_batch,
         )  # fmt: skip
+        if o.answer_entropy_floor > 0:
+            # penalty_scale turns the sum over this micro-batch's prompts into its share of the step's mean
+            z = states[: batch.num_prompts].float() @ weight[list(o.output_ids)].float().t() / o.temperature
+            logq = z.log_softmax(dim=-1)
+            entropy = -(logq.exp() * logq).sum(dim=-1)
+            penalty = (o.answer_entropy_floor - entropy).clamp(min=0).sum()
+            loss = loss + o.answer_entropy_coef * penalty * penalty_scale
+            metrics = {**metrics, "answer_entropy": entropy.mean().detach()}
+        return loss, metrics

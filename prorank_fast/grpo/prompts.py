@@ -55,3 +55,10 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.add(int(im_end))
     return tuple(sorted(ids))
+
+
+def digit_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokens that are digits (with or without a leading space marker): an answer
+    token next to one is part of a number (rewards.parse_answer)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return frozenset(i for i, t in enumerate(tokens) if t and t.lstrip("Ġ▁ ").isdigit())

@@ -1,8 +1,18 @@
 """Stage-1 rewards, pluggable by name, and TRL's group-relative advantages.
 
 A reward function takes `(completions: list[list[int]], labels: list[int], ctx)` and returns
-one float per completion; `format` and `correctness` are registered here, a user's own is
-registered with `@register_reward(name)` or named as `package.module:function`."""
+one float per completion; a user's own is registered with `@register_reward(name)` or named
+as `package.module:function`. Registered here:
+
+- `format` / `correctness`: strict. The completion is exactly one output-set token (then the
+  end token, if any); correctness also wants it to be the label's token. What held-out
+  evaluation measures.
+- `graded_format` / `parsed_correctness`: for a model that does not yet answer in format
+  (a pretrained chat model writes "Relevance: 1 ..." or prose). `parse_answer` grades a
+  completion exact (1.0) > answer token first, then text (0.5) > a standalone answer token
+  later (0.25) > none (0), and extracts that answer; parsed_correctness rewards a parsed
+  answer that equals the label. So a group of long completions has reward variance long
+  before any of them is exactly "1" or "0"."""
 
 from __future__ import annotations
 
@@ -22,6 +32,8 @@ class RewardContext:
     output_ids: tuple[int, ...]  # (positive, negative): label 1 -> output_ids[0], label 0 -> output_ids[1]
     stop_ids: tuple[int, ...]
     tokenizer: object = None
+    # digit tokens: an answer token next to one is part of a number ("10", "2019"), not an answer
+    digit_ids: frozenset[int] = frozenset()
 
 
 # fn(completions: list[list[int]], labels: list[int], ctx) -> list[float]; labels one per completion
@@ -49,6 +61,60 @@ def answer_token(completion: Sequence[int], ctx: RewardContext) -> int | None:
     return None
 
 
+# parse_answer's grades and the reward graded_format gives each (ours)
+FORMAT_GRADES = {"exact": 1.0, "first": 0.5, "anywhere": 0.25, "none": 0.0}
+
+
+def parse_answer(completion: Sequence[int], ctx: RewardContext) -> tuple[int | None, str]:
+    """(answer token or None, grade): the strict parser of a completion of any length.
+
+    Only the text before the first end token counts. exact: that text is one output-set token
+    (nothing may follow the end token). first: it starts with a standalone output-set token.
+    anywhere: a standalone output-set token occurs later (the first one is the answer).
+    Standalone: neither neighbour is a digit or an output-set token ("10" is no answer).
+    """
+    end = next((i for i, t in enumerate(completion) if t in ctx.stop_ids), len(completion))
+    body = completion[:end]
+    if answer_token(completion, ctx) is not None:
+        return completion[0], "exact"
+    glued = ctx.digit_ids.union(ctx.output_ids)
+    for i, token in enumerate(body):
+        if token in ctx.output_ids:
+            before = body[i - 1] if i > 0 else None
+            after = body[i + 1] if i + 1 < len(body) else None
+            if before not in glued and after not in glued:
+                return token, "first" if i == 0 else "anywhere"
+    return None, "none"
+
+
+def answer_first(completion: Sequence[int], ctx: RewardContext) -> int | None:
+    """The answer when the completion starts with it (parse grade exact or first), else None:
+    what a reranker reads (the score is the answer position's logits). The held-out
+    valid-format rate and accuracy count this; format / correctness (exact) are stricter."""
+    answer, grade = parse_answer(completion, ctx)
+    return answer if grade in ("exact", "first") else None
+
+
+def answer_stats(completions, labels, ctx) -> dict[str, float]:
+    """Shares over completions: each parse grade (format_exact, ...), valid_format_rate (the answer
+    first), accuracy (the answer first and right), exact_format_rate (the answer, then the end),
+    and positive_answer_share (of the answers first, the share that say relevant)."""
+    n = max(1, len(completions))
+    first = [answer_first(c, ctx) for c in completions]
+    return {
+        **grade_shares(completions, ctx),
+        "valid_format_rate": sum(a is not None for a in first) / n,
+        "accuracy": sum(a == _wanted(y, ctx) for a, y in zip(first, labels, strict=True)) / n,
+        "exact_format_rate": sum(answer_token(c, ctx) is not None for c in completions) / n,
+        # near 0 or 1 with format learned: one answer whatever the pair (the collapse to watch for)
+        "positive_answer_share": sum(a == ctx.output_ids[0] for a in first) / max(1, sum(a is not None for a in first)),
+    }
+
+
+def _wanted(label: int, ctx: RewardContext) -> int:
+    return ctx.output_ids[0] if label == 1 else ctx.output_ids[1]
+
+
 @register_reward("format")
 def format_reward(completions, labels, ctx):
     return [1.0 if answer_token(c, ctx) is not None else 0.0 for c in completions]
@@ -56,8 +122,28 @@ def format_reward(completions, labels, ctx):
 
 @register_reward("correctness")
 def correctness_reward(completions, labels, ctx):
-    want = {1: ctx.output_ids[0], 0: ctx.output_ids[1]}
-    return [1.0 if answer_token(c, ctx) == want[label] else 0.0 for c, label in zip(completions, labels, strict=True)]
+    return [1.0 if answer_token(c, ctx) == _wanted(y, ctx) else 0.0 for c, y in zip(completions, labels, strict=True)]
+
+
+@register_reward("graded_format")
+def graded_format_reward(completions, labels, ctx):
+    return [FORMAT_GRADES[parse_answer(c, ctx)[1]] for c in completions]
+
+
+@register_reward("parsed_correctness")
+def parsed_correctness_reward(completions, labels, ctx):
+    return [
+        1.0 if parse_answer(c, ctx)[0] == _wanted(y, ctx) else 0.0 for c, y in zip(completions, labels, strict=True)
+    ]
+
+
+def grade_shares(completions, ctx) -> dict[str, float]:
+    """Share of completions per parse_answer grade: {"format_exact": ..., "format_none": ...}."""
+    counts = dict.fromkeys(FORMAT_GRADES, 0)
+    for c in completions:
+        counts[parse_answer(c, ctx)[1]] += 1
+    n = max(1, len(completions))
+    return {f"format_{k}": v / n for k, v in counts.items()}
 
 
 def resolve_reward(name: str) -> RewardFn:

@@ -14,7 +14,7 @@ from ..packing import budget_batches
 from .batches import Rollouts, prompt_ranges
 from .policy import PolicyForGRPO
 from .prompts import Stage1Prompt
-from .rewards import RewardContext, compute_rewards, correctness_reward, format_reward, group_advantages
+from .rewards import RewardContext, answer_stats, compute_rewards, group_advantages
 
 
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -100,31 +100,31 @@ def sample_group_completions(
 @torch.no_grad()
 def answer_accuracy(policy, prompts: list[Stage1Prompt], ctx: RewardContext, *, max_new_tokens: int,
                     max_tokens: int, device) -> dict:  # fmt: skip
-    """Greedy answers: valid-format rate and accuracy (answer == label) over `prompts`."""
+    """Greedy answers over `prompts`: rewards.answer_stats (valid-format rate and accuracy of the
+    answer first, the exact-format rate, the share of each parse grade) and the pair count."""
     was_training = policy.training
     policy.eval()
-    valid = correct = 0
+    all_comps, all_labels = [], []
     for chunk in budget_batches([len(p.ids) for p in prompts], max_tokens):
         comps = sample_group_completions(
             policy, [prompts[i].ids for i in chunk], group_size=1, max_new_tokens=max_new_tokens,
             stop_ids=ctx.stop_ids, temperature=0.0, device=device,
         )  # fmt: skip
-        labels = [prompts[i].label for i in chunk]
-        valid += sum(format_reward(comps, labels, ctx))
-        correct += sum(correctness_reward(comps, labels, ctx))
+        all_comps += comps
+        all_labels += [prompts[i].label for i in chunk]
     policy.train(was_training)
-    n = max(1, len(prompts))
-    return {"valid_format_rate": valid / n, "accuracy": correct / n, "pairs": len(prompts)}
+    return {**answer_stats(all_comps, all_labels, ctx), "pairs": len(prompts)}
 
 
 def generate_rollouts(policy, prompts: list[Stage1Prompt], g, ctx: RewardContext, *, generator, max_tokens: int,
-                      device, d) -> Rollouts:  # fmt: skip
-    """Sample G completions per prompt, reward them and compute group advantages."""
+                      device, d, max_new_tokens: int | None = None) -> Rollouts:  # fmt: skip
+    """Sample G completions per prompt (of at most max_new_tokens, default g.max_new_tokens),
+    reward them and compute group advantages."""
     ids = [p.ids for p in prompts]
     completions: list[list[int]] = []
     for chunk in budget_batches([len(x) for x in ids], max_tokens):  # prefill rows within the micro-batch budget
         completions += sample_group_completions(
-            policy, [ids[i] for i in chunk], group_size=g.group_size, max_new_tokens=g.max_new_tokens,
+            policy, [ids[i] for i in chunk], group_size=g.group_size, max_new_tokens=max_new_tokens or g.max_new_tokens,
             stop_ids=ctx.stop_ids, temperature=g.temperature, top_p=g.top_p, generator=generator, device=device,
         )  # fmt: skip
     labels = [p.label for p in prompts]
@@ -135,7 +135,6 @@ def generate_rollouts(policy, prompts: list[Stage1Prompt], g, ctx: RewardContext
         n, s, s2 = d.all_sum([rewards.numel(), float(rewards.sum()), float((rewards**2).sum())])
         batch_std = math.sqrt(max(0.0, (s2 - s * s / n) / max(n - 1, 1)))
     advantages, zero_var = group_advantages(rewards, g.group_size, g.scale_rewards, batch_std)
-    for name, fn in (("format", format_reward), ("correctness", correctness_reward)):
-        if name not in parts:  # the step's format rate / accuracy are logged whatever the rewards
-            parts[name] = torch.tensor(fn(completions, per_completion, ctx), dtype=torch.float64)
-    return Rollouts(ids, labels, completions, advantages.float(), rewards, parts, zero_var, g.group_size)
+    rollouts = Rollouts(ids, labels, completions, advantages.float(), rewards, parts, zero_var, g.group_size)
+    rollouts.extra["grades"] = answer_stats(completions, per_completion, ctx)  # logged whatever the rewards
+    return rollouts

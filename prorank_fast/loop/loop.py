@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,9 @@ class LoopSettings:
     checkpoint_every: int
     postfix: tuple[str, ...] = ("loss", "lr", "tokens_per_s")  # record keys shown in the progress bar
     state_types: tuple[type, ...] = ()  # classes (to_state/from_state) the state may hold, for checkpoints
+    # every this many steps, evaluate() -> {name: value} goes into that step's record (0 = never)
+    evaluate_every: int = 0
+    evaluate: Callable[[], dict] | None = None
 
 
 def run_loop(model, step_fn, settings: LoopSettings, tcfg, d: Dist, init_state) -> dict:
@@ -120,12 +124,17 @@ def run_loop(model, step_fn, settings: LoopSettings, tcfg, d: Dist, init_state) 
         scheduler.step()
         done = step + 1
         tokens_seen += int(record.get("tokens", 0))
+        step_time = time.time() - t_step
+        every = settings.evaluate_every
+        if settings.evaluate is not None and every and done % every == 0 and done < settings.max_steps:
+            # outside the step's time (tokens_per_s stays the step's); the stage evaluates after its last step
+            record = {**record, **settings.evaluate()}
         last = {
             "step": done,
             **record,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": record.get("tokens", 0) / max(time.time() - t_step, 1e-9),
+            "tokens_per_s": record.get("tokens", 0) / max(step_time, 1e-9),
             "time": time.time() - t_start,
         }
         if d.main and (done % tcfg.log_every == 0 or done == settings.max_steps):

@@ -40,14 +40,30 @@ def progress_bar(d, start: int, total: int, desc: str = "stage 2", keys=("loss",
 # panels of curves.png, drawn for the keys a run's metrics.jsonl has (stage 1 logs the GRPO ones)
 PLOT_PANELS = (
     ("loss", ("loss",)),
+    ("held-out nDCG@10", ("held_out_ndcg@10",)),
     ("learning rate", ("lr",)),
-    ("reward", ("reward", "reward_format", "reward_correctness")),
-    ("valid format rate", ("valid_format_rate",)),
+    ("reward", ("reward", "reward_format", "reward_correctness", "reward_graded_format", "reward_parsed_correctness")),
+    ("valid format rate", ("valid_format_rate", "format_exact", "format_first", "format_anywhere")),
+    ("accuracy", ("accuracy", "reward_parsed_correctness")),
     ("kl / entropy", ("kl", "entropy")),
     ("clip ratio", ("clip_ratio_low", "clip_ratio_high", "clip_ratio_region")),
     ("completion length", ("completion_length",)),
-    ("zero-variance groups", ("zero_variance_groups",)),
+    ("zero-variance groups", ("zero_variance_share",)),
 )
+
+# moving average window of the loss curve (a listwise loss over 8 documents swings widely step to step)
+SMOOTHING = 10
+
+
+def moving_average(values: list[float], window: int = SMOOTHING) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:
@@ -64,22 +80,39 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     if not rows:
         return
     steps = [r["step"] for r in rows]
-    panels = [(title, [k for k in keys if k in rows[0]]) for title, keys in PLOT_PANELS]
+    present = {k for r in rows for k in r}
+    panels = [(title, [k for k in keys if k in present]) for title, keys in PLOT_PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
     cols = min(4, len(panels))
     n_rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3.2 * n_rows), squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key)
+            points = [(s, r[key]) for s, r in zip(steps, rows, strict=True) if r.get(key) is not None]
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(xs, ys, label=key, marker="o" if len(points) < 0.5 * len(rows) else None, alpha=0.4 if
+                    key == "loss" else 1.0)  # fmt: skip
+            if key == "loss" and len(ys) > SMOOTHING:
+                ax.plot(xs, moving_average(ys), label=f"loss, mean of {SMOOTHING}")
         ax.set(xlabel="step", title=title)
-        if len(keys) > 1:
+        if len(keys) > 1 or key == "loss":
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def add_record(path: Path, step: int, values: dict) -> None:
+    """Merge `values` into the record of `step` in metrics.jsonl (an evaluation made after the loop)."""
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    for row in rows:
+        if row["step"] == step:
+            row.update(values)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def truncate_metrics(path: Path, step: int) -> None:

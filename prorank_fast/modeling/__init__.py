@@ -2,7 +2,8 @@
 
 attention.py     varlen attention registered with transformers ("prorank_varlen"), backends detected once
 shared_prefix.py SharedPrefix: keys/values computed once, attended to by later packed passes
-model.py         load_model / load_tokenizer / build_tiny_model; backbone() and lm_head_weight()
+model.py         load_model / load_tokenizer / build_tiny_model / enable_autocast; backbone() and lm_head_weight()
+sources.py       where weights come from: hub id, folder, GGUF file or pkg:<package>/<file.gguf>
 """
 
 from .attention import ATTN_IMPLEMENTATION, resolve_backend, set_varlen_backend
@@ -11,6 +12,7 @@ from .model import (
     apply_liger_kernels,
     backbone,
     build_tiny_model,
+    enable_autocast,
     liger_available,
     lm_head_weight,
     load_model,
@@ -26,6 +28,7 @@ __all__ = [
     "apply_liger_kernels",
     "backbone",
     "build_tiny_model",
+    "enable_autocast",
     "liger_available",
     "lm_head_weight",
     "load_model",

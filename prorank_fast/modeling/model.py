@@ -1,7 +1,7 @@
 """Model and tokenizer loading.
 
-A model comes from `ModelConfig.name_or_path` (a local folder, or a hub id resolved through
-the local cache) or, when that is None, is built at random from the Qwen2 fields in
+A model comes from `ModelConfig.name_or_path` (a local folder, a hub id resolved through the
+local cache, or a GGUF file: see sources.py) or, when that is None, is built at random from the Qwen2 fields in
 `ModelConfig.tiny` (the CPU demo). `load_model` then selects the attention implementation
 ("prorank_varlen" by default: packed varlen attention, see attention.py) and its backend,
 and optionally enables activation checkpointing and Liger's backbone kernels.
@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from ..errors import InputError, RecipeError
 from . import attention  # noqa: F401  (registers the "prorank_varlen" attention implementation)
 from .attention import set_varlen_backend
+from .sources import load_gguf_model, load_gguf_tokenizer, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ TINY_DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
-# What a recipe may name (config.py reads these): model.dtype, model.attn_implementation.
+# What a recipe may name (config.py reads these): model.dtype, model.attn_implementation, model.autocast.
 DTYPES = ("float32", "bfloat16")
+AUTOCAST_DTYPES = (None, "bfloat16")
 ATTN_IMPLEMENTATIONS = ("prorank_varlen", "sdpa", "eager", "flash_attention_2")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -106,7 +108,8 @@ _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """A fast tokenizer from a folder (tokenizer.json, or vocab.json + merges.txt + tokenizer_config.json),
-    a tokenizer.json file, or a hub id (offline: the local cache only).
+    a tokenizer.json file, a GGUF file (path or `pkg:` resource, see sources.py), or a hub id
+    (offline: the local cache only).
 
     A folder whose tokenizer_config.json names a generic class (a tokenizer trained with
     `tokenizers`, like the demo's) loads as exactly that tokenizer.json: AutoTokenizer would pick
@@ -114,8 +117,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     and rebuild a different tokenizer from the vocabulary. A missing pad token is set to the EOS
     token: packing never pads, but padded baselines and exports need one.
     """
+    source = resolve_source(path)
     path = Path(path)
-    if path.is_file():
+    if source.is_gguf:
+        tokenizer = load_gguf_tokenizer(source)
+    elif path.is_file():
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
     elif (path / "tokenizer.json").is_file() and _tokenizer_class(path) in _GENERIC_TOKENIZER_CLASSES + (None,):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
@@ -199,7 +205,8 @@ def _enable_activation_checkpointing(model: transformers.PreTrainedModel) -> Non
 def load_model(model_cfg: Any, tokenizer: Any, device: torch.device | str = "cpu") -> transformers.PreTrainedModel:
     """The *ForCausalLM described by `model_cfg` (config.ModelConfig), on `device`, in train mode.
 
-    name_or_path set: from_pretrained (local folder, or hub id from the local cache when offline);
+    name_or_path set: from_pretrained (local folder, hub id from the local cache when offline, or a
+    GGUF file dequantised into a plain model);
     else build_tiny_model(model_cfg.tiny, len(tokenizer), tokenizer.pad_token_id, dtype).
     Then: attention implementation (model_cfg.attn_implementation) and varlen backend
     (model_cfg.varlen_backend), activation checkpointing (model_cfg.gradient_checkpointing),
@@ -212,7 +219,12 @@ def load_model(model_cfg: Any, tokenizer: Any, device: torch.device | str = "cpu
     set_varlen_backend(getattr(model_cfg, "varlen_backend", "auto") or "auto")
     vocab = len(tokenizer)
     if model_cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype, attn_implementation=attn)
+        source = resolve_source(model_cfg.name_or_path)
+        if source.is_gguf:
+            model = load_gguf_model(source, dtype)
+            model.set_attn_implementation(attn)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, attn_implementation=attn)
         emb = model.get_input_embeddings().weight.shape[0]
         if emb < vocab:
             raise InputError(
@@ -229,11 +241,38 @@ def load_model(model_cfg: Any, tokenizer: Any, device: torch.device | str = "cpu
         )
     if model_cfg.gradient_checkpointing:
         _enable_activation_checkpointing(model)
+    if getattr(model_cfg, "autocast", None):
+        enable_autocast(model, resolve_dtype(model_cfg.autocast))
     if getattr(model_cfg, "liger_kernels", False):
         apply_liger_kernels(model, device)
     model.to(device)
     model.train()
     return model
+
+
+def enable_autocast(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run the decoder of `model` under torch.autocast(dtype) on whatever device it is on, and
+    hand its last hidden states back in the LM head's dtype: weights, optimizer state, the LM
+    head and the fused losses stay in the model's dtype (fp32 masters). On a CPU with bf16
+    matrix units this is where the time goes (the decoder's matmuls), see README.md."""
+    decoder = backbone(model)
+    head_dtype = model.get_output_embeddings().weight.dtype
+    active: list = []
+
+    def enter(module, args, kwargs):
+        device_type = next(module.parameters()).device.type
+        context = torch.autocast(device_type=device_type, dtype=dtype)
+        context.__enter__()
+        active.append(context)
+
+    def leave(module, args, kwargs, output):
+        active.pop().__exit__(None, None, None)
+        if getattr(output, "last_hidden_state", None) is not None:
+            output.last_hidden_state = output.last_hidden_state.to(head_dtype)
+        return output
+
+    decoder.register_forward_pre_hook(enter, with_kwargs=True)
+    decoder.register_forward_hook(leave, with_kwargs=True, always_call=True)
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:

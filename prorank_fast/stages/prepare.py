@@ -14,6 +14,7 @@ from ..errors import DataError
 from ..evaluation import bm25_first_stage, evaluate_run, load_beir
 from ..grpo import stage1_prompts
 from ..modeling import load_model, load_tokenizer
+from .collection import balanced_subset, same_collection, split_collection
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Prepared:
     stage1_prompts: list = field(default_factory=list)  # grpo.Stage1Prompt, training
     stage1_eval_prompts: list = field(default_factory=list)  # held-out, for accuracy before/after
     token_weights: tuple[float, ...] = (1.0, -1.0)  # stage2.token_weights, or the template's
+    split: dict = field(default_factory=dict)  # data.held_out: the split's sizes (summary.json)
 
 
 def _demo_paths(cfg: Recipe, out: Path, d) -> dict:
@@ -70,6 +72,13 @@ def _tokenizer(cfg: Recipe, out: Path, train_spec: str, d):
 
 
 def prepare(cfg: Recipe, out: Path, d) -> Prepared:
+    if cfg.data.held_out is not None:
+        return _prepare_split(cfg, out, d)
+    if same_collection(cfg.data.train, cfg.data.eval):
+        raise DataError(
+            f"data.train and data.eval are the same collection ({cfg.data.eval}): every evaluation query would "
+            "also be a training query; set data.held_out to split it by query id"
+        )
     paths = {"train": cfg.data.train, "eval": cfg.data.eval}
     if cfg.stage1.enabled:
         paths["stage1_train"] = cfg.stage1.train or cfg.data.train
@@ -77,25 +86,20 @@ def prepare(cfg: Recipe, out: Path, d) -> Prepared:
     if "demo" in paths.values():
         demo = _demo_paths(cfg, out, d)
         paths = {k: (demo[k] if v == "demo" else v) for k, v in paths.items()}
-    tokenizer = _tokenizer(cfg, out, paths["train"], d)
-    template = data_mod.get_template(cfg.data.template)
-    output_ids = template.output_token_ids(tokenizer)
+    tokenizer, template, output_ids = _tokenizer_and_template(cfg, out, paths["train"], d)
     group_size = cfg.data.group_size if cfg.stage2.loss in ("listwise", "distill") else None
     examples, stats = data_mod.read_examples(
         paths["train"], format=cfg.data.format, group_size=group_size, skip_bad_records=cfg.data.skip_bad_records,
         max_examples=cfg.data.max_examples, instruction=cfg.data.instruction, seed=cfg.train.seed,
     )  # fmt: skip
-    if cfg.stage2.loss == "distill" and any(ex.teacher_scores is None for ex in examples):
-        raise DataError(f"{paths['train']}: stage2.loss=distill needs teacher scores (pos_scores/neg_scores)")
-    if cfg.stage2.loss in ("bce", "mse"):
-        _labels_to_unit_interval(examples, paths["train"])
+    _check_stage2_labels(cfg, examples, paths["train"])
     groups = data_mod.tokenize_examples(examples, tokenizer, template, cfg.data.max_length, cfg.data.min_query_tokens)
     stage1_train, stage1_eval = [], []
     if cfg.stage1.enabled:  # read and checked before any model is built: bad input fails first
         stage1_train = _stage1_prompts(cfg, paths["stage1_train"], tokenizer, template)
         if paths.get("stage1_eval"):
             stage1_eval = _stage1_prompts(cfg, paths["stage1_eval"], tokenizer, template)
-            stage1_eval = stage1_eval[: cfg.stage1.max_eval_pairs]
+            stage1_eval = balanced_subset(stage1_eval, cfg.stage1.max_eval_pairs, cfg.train.seed)
     model = _seeded_model(cfg, tokenizer, d)
     prep = Prepared(tokenizer, template, output_ids, model, groups, stats, paths=paths)
     prep.stage1_prompts, prep.stage1_eval_prompts = stage1_train, stage1_eval
@@ -104,6 +108,57 @@ def prepare(cfg: Recipe, out: Path, d) -> Prepared:
         prep.eval_data = load_beir(paths["eval"])
         prep.bm25_run = bm25_first_stage(prep.eval_data, k=cfg.data.eval_first_stage_k)
         prep.bm25_metrics = evaluate_run(prep.bm25_run, prep.eval_data.qrels)
+    return prep
+
+
+def _tokenizer_and_template(cfg: Recipe, out: Path, train_spec: str, d):
+    tokenizer = _tokenizer(cfg, out, train_spec, d)
+    template = data_mod.get_template(cfg.data.template)
+    # the template's chat tokens and output tokens, checked before any model is loaded
+    output_ids = template.check_tokenizer(tokenizer, cfg.model.tokenizer or cfg.model.name_or_path or "demo tokenizer")
+    return tokenizer, template, output_ids
+
+
+def _check_stage2_labels(cfg: Recipe, examples, source: str) -> None:
+    if cfg.stage2.loss == "distill" and any(ex.teacher_scores is None for ex in examples):
+        raise DataError(f"{source}: stage2.loss=distill needs teacher scores (pos_scores/neg_scores)")
+    if cfg.stage2.loss in ("bce", "mse"):
+        _labels_to_unit_interval(examples, source)
+
+
+def _prepare_split(cfg: Recipe, out: Path, d) -> Prepared:
+    """prepare() for data.held_out: one collection split by query id (stages/collection.py)."""
+    split = split_collection(cfg)
+    tokenizer, template, output_ids = _tokenizer_and_template(cfg, out, cfg.data.train, d)
+    _check_stage2_labels(cfg, split.groups, cfg.data.train)
+    dc = cfg.data
+    groups = data_mod.tokenize_examples(split.groups, tokenizer, template, dc.max_length, dc.min_query_tokens)
+    stats = data_mod.ReadStats(
+        f"{cfg.data.train} ({len(split.train_ids)} training queries)", len(split.groups), len(split.groups),
+        dict(split.skipped),
+    )  # fmt: skip
+    stage1_train, stage1_eval = [], []
+    if cfg.stage1.enabled:
+        build = dict(max_length=dc.max_length, min_query_tokens=dc.min_query_tokens, instruction=dc.instruction)
+        if cfg.stage1.train is None:
+            stage1_train = stage1_prompts(split.pairs, tokenizer, template, **build)
+        else:
+            stage1_train = _stage1_prompts(cfg, cfg.stage1.train, tokenizer, template)
+        if cfg.stage1.eval is None and split.held_out_pairs:
+            stage1_eval = stage1_prompts(split.held_out_pairs, tokenizer, template, **build)
+        elif cfg.stage1.eval is not None:
+            stage1_eval = _stage1_prompts(cfg, cfg.stage1.eval, tokenizer, template)
+        stage1_eval = balanced_subset(stage1_eval, cfg.stage1.max_eval_pairs, cfg.train.seed)
+    model = _seeded_model(cfg, tokenizer, d)
+    paths = {"train": cfg.data.train, "eval": f"{cfg.data.train} ({len(split.held_out_ids)} held-out queries)"}
+    prep = Prepared(tokenizer, template, output_ids, model, groups, stats, paths=paths)
+    prep.stage1_prompts, prep.stage1_eval_prompts = stage1_train, stage1_eval
+    prep.token_weights = tuple(cfg.stage2.token_weights or template.token_weights)
+    prep.eval_data, prep.bm25_run = split.eval_data, split.eval_run
+    prep.bm25_metrics = evaluate_run(prep.bm25_run, prep.eval_data.qrels)
+    prep.split = {"train_queries": len(split.train_ids), "held_out_queries": len(split.held_out_ids),
+                  "training_groups": len(groups), "stage1_pairs": len(stage1_train),
+                  "stage1_eval_pairs": len(stage1_eval)}  # fmt: skip
     return prep
 
 

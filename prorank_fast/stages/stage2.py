@@ -8,6 +8,7 @@ from pathlib import Path
 from ..config import Recipe
 from ..export import export_model
 from ..loop import Dist, LoopSettings, StepPlan, run_loop, shard
+from ..loop.progress import add_record, plot_metrics
 from ..packing import collate
 from ..scoring import RerankerScorer, loss_units
 from .held_out import held_out_ndcg
@@ -39,13 +40,21 @@ def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
         return {"loss": global_loss / units_total, "tokens": int(tokens_total)}
 
     s2 = cfg.stage2
-    settings = LoopSettings("stage 2", out, s2.max_steps, s2.lr, s2.warmup_ratio, s2.checkpoint_every)
+    settings = LoopSettings(
+        "stage 2", out, s2.max_steps, s2.lr, s2.warmup_ratio, s2.checkpoint_every,
+        postfix=("loss", "lr", "tokens_per_s", "held_out_ndcg@10"), evaluate_every=s2.eval_every,
+        evaluate=lambda: {"held_out_ndcg@10": held_out_ndcg(model, prep, cfg, d).get("ndcg@10")},
+    )  # fmt: skip
     result = run_loop(model, step_fn, settings, tcfg, d, lambda: {"eval_before": held_out_ndcg(model, prep, cfg, d)})
     eval_before = result["state"]["eval_before"]
     eval_after = held_out_ndcg(model, prep, cfg, d)
     export_model(
         model, prep.model, prep.tokenizer, out / "final", cfg, prep.output_ids, prep.token_weights, is_main=d.main
     )
+    if d.main and s2.eval_every and eval_after.get("ndcg@10") is not None:
+        # the curve's last point: the held-out nDCG@10 after the last step (what summary.json reports)
+        add_record(out / "metrics.jsonl", s2.max_steps, {"held_out_ndcg@10": eval_after["ndcg@10"]})
+        plot_metrics(out / "metrics.jsonl", out / "curves.png")
     return {
         "stage2_loss": cfg.stage2.loss,
         "stage2_final_loss": result["last"].get("loss", float("nan")),
