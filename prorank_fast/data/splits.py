@@ -148,6 +148,22 @@ def _count(skipped: dict[str, int], reason: str) -> None:
     skipped[reason] = skipped.get(reason, 0) + 1
 
 
+def _minable(data: BeirData, query_ids: Iterable[str], run, depth: int, source: str, skipped: dict[str, int]):
+    """(qid, query text, positives, BM25 candidates) for each query that has both; the others are
+    counted in `skipped` (no_positive, no_bm25_negative)."""
+    for qid in query_ids:
+        query = _query(data, qid, source)
+        positives = _positives(data, qid)
+        if not positives:
+            _count(skipped, "no_positive")
+            continue
+        candidates = _candidates(data, qid, run, depth, source)
+        if not candidates:
+            _count(skipped, "no_bm25_negative")
+            continue
+        yield qid, query, positives, candidates
+
+
 def mine_groups(
     data: BeirData,
     query_ids: Iterable[str],
@@ -189,16 +205,7 @@ def mine_groups(
     _check_sizes(group_size=(group_size, 2), depth=(depth, 1))
     examples: list[Example] = []
     skipped: dict[str, int] = {}
-    for qid in query_ids:
-        query = _query(data, qid, source)
-        positives = _positives(data, qid)
-        if not positives:
-            _count(skipped, "no_positive")
-            continue
-        candidates = _candidates(data, qid, run, depth, source)
-        if not candidates:
-            _count(skipped, "no_bm25_negative")
-            continue
+    for qid, query, positives, candidates in _minable(data, query_ids, run, depth, source, skipped):
         need = group_size - 1
         for pos, relevance in positives.items():
             rng = random.Random(f"{seed}:{qid}:{pos}")
@@ -257,16 +264,8 @@ def mine_pairs(
         _check_sizes(max_positives_per_query=(max_positives_per_query, 1))
     examples: list[Example] = []
     skipped: dict[str, int] = {}
-    for qid in query_ids:
-        query = _query(data, qid, source)
-        positives = list(_positives(data, qid))
-        if not positives:
-            _count(skipped, "no_positive")
-            continue
-        candidates = _candidates(data, qid, run, depth, source)
-        if not candidates:
-            _count(skipped, "no_bm25_negative")
-            continue
+    for qid, query, positives, candidates in _minable(data, query_ids, run, depth, source, skipped):
+        positives = list(positives)
         rng = random.Random(f"{seed}:{qid}")
         keep = min(len(positives), len(candidates), max_positives_per_query or len(positives))
         if keep < len(positives):
