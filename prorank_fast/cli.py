@@ -66,7 +66,10 @@ def _train(items: list[str], *, dry_run: bool) -> int:
     if dry_run:
         from .dry_run import dry_run as run_dry
 
-        print(json.dumps(run_dry(recipe), indent=2))
+        try:
+            print(json.dumps(run_dry(recipe), indent=2))
+        except InputError as exc:
+            raise SystemExit(f"prorank-fast train --dry-run: {exc}") from exc
         return 0
     from .train import train
 

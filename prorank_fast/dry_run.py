@@ -41,6 +41,15 @@ def _tokenizer_check(recipe: Recipe) -> dict:
     from .modeling import load_tokenizer
 
     path = recipe.model.tokenizer
+    source = recipe.model.name_or_path or ""
+    if not path and (source.startswith("pkg:") or source.lower().endswith(".gguf")):
+        from .errors import InputError
+
+        try:  # a GGUF file holds its tokenizer: check the template's chat and output tokens against it
+            ids = get_template(recipe.data.template).check_tokenizer(load_tokenizer(source), source)
+        except InputError as exc:
+            return {"tokenizer": f"not checked: {exc}"}
+        return {"tokenizer": source, "output_token_ids": list(ids)}
     if not (path and Path(path).is_dir()):
         is_qwen = "qwen" in (recipe.model.name_or_path or "").lower()
         path = os.environ.get("PRORANK_QWEN2_TOKENIZER") if is_qwen else None
