@@ -103,12 +103,13 @@ class PolicyForGRPO(torch.nn.Module):
             temperature=o.temperature, loss_type=o.loss_type, importance_sampling_level=o.importance_sampling_level,
             max_completion_length=o.max_completion_length, num_items_in_batch=num_items_in_batch,
         )  # fmt: skip
-        if o.answer_entropy_floor > 0:
-            # penalty_scale turns the sum over this micro-batch's prompts into its share of the step's mean
+        if o.output_ids:  # the answer distribution's entropy: logged, and floored when asked
             z = states[: batch.num_prompts].float() @ weight[list(o.output_ids)].float().t() / o.temperature
             logq = z.log_softmax(dim=-1)
             entropy = -(logq.exp() * logq).sum(dim=-1)
-            penalty = (o.answer_entropy_floor - entropy).clamp(min=0).sum()
-            loss = loss + o.answer_entropy_coef * penalty * penalty_scale
             metrics = {**metrics, "answer_entropy": entropy.mean().detach()}
+            if o.answer_entropy_floor > 0:
+                # penalty_scale turns the sum over this micro-batch's prompts into its share of the step's mean
+                penalty = (o.answer_entropy_floor - entropy).clamp(min=0).sum()
+                loss = loss + o.answer_entropy_coef * penalty * penalty_scale
         return loss, metrics
