@@ -340,7 +340,7 @@ def test_rollouts_concat_keeps_groups_and_advantages():
         rewards, parts = compute_rewards(("format", "correctness"), (1.0, 1.0), comps, per, ctx)
         adv, zero = group_advantages(rewards, 2, "group")
         r = Rollouts([[1, 2]] * len(labels), labels, comps, adv.float(), rewards, parts, zero, 2)
-        r.extra["grades"] = grade_shares(comps, ctx)
+        r.extra["answer_stats"] = grade_shares(comps, ctx)
         return r
 
     a = rollouts([[16], [15], [7], [7]], [1, 0])
@@ -349,7 +349,7 @@ def test_rollouts_concat_keeps_groups_and_advantages():
     assert both.completions == a.completions + b.completions and both.labels == [1, 0, 0]
     assert both.kept_groups() == [0] and both.extra["draws"] == 2
     torch.testing.assert_close(both.advantages, torch.cat([a.advantages, b.advantages]))
-    assert both.extra["grades"]["format_exact"] == 4 / 6
+    assert both.extra["answer_stats"]["format_exact"] == 4 / 6
 
 
 def test_answer_entropy_floor_adds_its_penalty_and_raises_the_entropy(lm):

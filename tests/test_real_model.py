@@ -96,7 +96,7 @@ def test_bootstrap_design_has_reward_variance_where_the_strict_design_has_none(m
     assert bool(strict.zero_variance.all()) and float(strict.rewards.sum()) == 0.0
     boot = _rollouts(model, tokenizer, pairs, max_new_tokens=8, rewards=("graded_format", "parsed_correctness"))
     assert not bool(boot.zero_variance.all()) and float(boot.rewards.max()) > 0
-    assert boot.extra["grades"]["format_none"] < 1.0
+    assert boot.extra["answer_stats"]["format_none"] < 1.0
 
 
 def test_one_stage2_step_changes_the_weights(model, tokenizer, pairs):

@@ -248,7 +248,7 @@ def _read_beir(
     return examples
 
 
-def _split_folder_spec(spec: str) -> tuple[Path, str | None]:
+def split_folder_spec(spec: str) -> tuple[Path, str | None]:
     """``folder`` or ``folder:split`` for BEIR folders."""
     path = Path(spec)
     if not path.exists() and ":" in spec:
@@ -332,7 +332,7 @@ def read_examples(
         dataset, name = load_hf(spec, split)
         records: Iterable = dataset_records(dataset, name, stats)
     else:
-        path, spec_split = _split_folder_spec(spec)
+        path, spec_split = split_folder_spec(spec)
         if path.is_dir():
             if is_saved_dataset(path) and format != "beir":
                 dataset, name = load_hf(f"hf:{path}", split or spec_split)

@@ -164,8 +164,8 @@ class Rollouts:
         if any(p.old_logprobs is not None or p.ref_logprobs is not None for p in parts):
             raise ValueError("concatenate rollouts before computing their old / reference log-probs")
         n = sum(len(p.completions) for p in parts)
-        grades = {k: sum(p.extra.get("grades", {}).get(k, 0.0) * len(p.completions) for p in parts) / n
-                  for k in first.extra.get("grades", {})}  # fmt: skip
+        stats = {k: sum(p.extra.get("answer_stats", {}).get(k, 0.0) * len(p.completions) for p in parts) / n
+                  for k in first.extra.get("answer_stats", {})}  # fmt: skip
         return cls(
             prompts=[x for p in parts for x in p.prompts],
             labels=[x for p in parts for x in p.labels],
@@ -175,7 +175,7 @@ class Rollouts:
             reward_parts={k: torch.cat([p.reward_parts[k] for p in parts]) for k in first.reward_parts},
             zero_variance=torch.cat([p.zero_variance for p in parts]),
             group_size=first.group_size,
-            extra={"grades": grades, "draws": len(parts)},
+            extra={"answer_stats": stats, "draws": len(parts)},
         )
 
     def group_batch(self, groups: list[int]) -> GroupBatch:

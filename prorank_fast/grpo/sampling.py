@@ -136,5 +136,5 @@ def generate_rollouts(policy, prompts: list[Stage1Prompt], g, ctx: RewardContext
         batch_std = math.sqrt(max(0.0, (s2 - s * s / n) / max(n - 1, 1)))
     advantages, zero_var = group_advantages(rewards, g.group_size, g.scale_rewards, batch_std)
     rollouts = Rollouts(ids, labels, completions, advantages.float(), rewards, parts, zero_var, g.group_size)
-    rollouts.extra["grades"] = answer_stats(completions, per_completion, ctx)  # logged whatever the rewards
+    rollouts.extra["answer_stats"] = answer_stats(completions, per_completion, ctx)  # logged whatever the rewards
     return rollouts

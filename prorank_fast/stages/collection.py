@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import Recipe
 from ..data import BeirData, Example, load_beir
+from ..data.readers import split_folder_spec
 from ..data.splits import check_disjoint, mine_groups, mine_pairs, split_query_ids
 from ..errors import RecipeError
 from ..evaluation import bm25_first_stage
@@ -31,20 +32,11 @@ class SplitCollection:
     skipped: dict
 
 
-def _folder_and_split(spec: str) -> tuple[str, str | None]:
-    path = Path(spec)
-    if not path.exists() and ":" in spec:
-        head, split = spec.rsplit(":", 1)
-        if Path(head).is_dir():
-            return head, split
-    return spec, None
-
-
 def same_collection(a: str | None, b: str | None) -> bool:
     """Whether two data specs name the same folder (the same collection read twice)."""
     if not a or not b or a == "demo" or b == "demo":
         return False
-    pa, pb = Path(_folder_and_split(a)[0]), Path(_folder_and_split(b)[0])
+    pa, pb = split_folder_spec(a)[0], split_folder_spec(b)[0]
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
@@ -52,7 +44,8 @@ def split_collection(cfg: Recipe) -> SplitCollection:
     """Split data.train (a BEIR folder, `folder[:split]`) by data.held_out and mine its examples."""
     d = cfg.data
     spec = d.train
-    folder, qrels_split = _folder_and_split(spec)
+    path, qrels_split = split_folder_spec(spec)
+    folder = str(path)
     if d.eval is not None and not same_collection(d.eval, spec):
         raise RecipeError(
             f"data.held_out={d.held_out} splits data.train={spec!r} into training and held-out queries: "

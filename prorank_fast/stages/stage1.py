@@ -194,7 +194,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
         loss_g, tokens_g, comps_g, reward_g, length_g, zero_g, prompts_g = total[:7]
         part_sums = dict(zip(rollouts.reward_parts, total[7 : 7 + len(rollouts.reward_parts)], strict=True))
         metric_sums = dict(zip(METRIC_KEYS, total[7 + len(rollouts.reward_parts) :], strict=True))
-        grades = d.all_sum([rollouts.extra["grades"][k] * n_comp for k in sorted(rollouts.extra["grades"])])
+        grades = d.all_sum([rollouts.extra["answer_stats"][k] * n_comp for k in sorted(rollouts.extra["answer_stats"])])
         kept_g, draws = d.all_sum([len(kept), rollouts.extra.get("draws", 1)])
         record = {
             "loss": loss_g / d.world,
@@ -209,7 +209,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
             "draws": draws / d.world,
             "reward_std": float(rollouts.rewards.std()) if rollouts.rewards.numel() > 1 else 0.0,
             "max_new_tokens": max_new_tokens(state),
-            **{k: v / comps_g for k, v in zip(sorted(rollouts.extra["grades"]), grades, strict=True)},
+            **{k: v / comps_g for k, v in zip(sorted(rollouts.extra["answer_stats"]), grades, strict=True)},
         }
         if not state.get("format_learned", not g.bootstrap_new_tokens):
             # the curriculum moves on once most completions start with the answer (then stays)
