@@ -50,29 +50,103 @@ def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
     return impl
 
 
-def row_chunk_size(
-    n_rows: int, vocab: int, hidden: int, device: torch.device | None = None, override: int | None = None
-) -> int:
-    """Rows per chunk of the [rows, V] logits block.
+# Transient logits allowed per call by default: the [rows, V] chunk buffer(s). 256 MiB holds 768
+# rows of Qwen2.5's 151936-token vocabulary in bf16, a GEMM M that still runs near peak.
+CHUNK_BYTES_CUDA = 256 << 20
+# CPU: the point of the chunked path is memory, and small chunks stay in cache.
+CHUNK_BYTES_CPU = 8 << 20
+# On GPU, row counts are multiples of this (cuBLAS tiles), and at least this many where N allows.
+GEMM_ROWS = 256
+SCHEDULES = ("serial", "overlap")
 
-    GPU: a power of two >= max(256, H) rows, so the transient block stays near the size of
-    the LM head it comes from (1024 x 151936 bf16 = 311 MB for Qwen2.5-0.5B) while each
-    GEMM keeps an M large enough for cuBLAS to run near peak.
-    CPU: about 2M logits per chunk (8 MB fp32); CPU GEMMs need no large M, and the point
-    of this path is memory. ``chunk_rows`` / ``PRORANK_CHUNK_ROWS`` override both.
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def chunk_plan(
+    n_rows: int,
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+    *,
+    chunk_rows: int | None = None,
+    chunk_bytes: int | None = None,
+    buffers: int = 1,
+) -> tuple[int, int]:
+    """(rows per chunk, transient bytes of the chunk buffers) for a [n_rows, V] logits sweep.
+
+    The rows come from a byte budget (``chunk_bytes`` / ``PRORANK_CHUNK_BYTES``; default
+    256 MiB on CUDA, 8 MiB elsewhere) shared by ``buffers`` chunk buffers of ``dtype``. On
+    CUDA the rows are a multiple of 256 (at least 256 while N allows, even past the budget,
+    so that each GEMM keeps an M near peak); elsewhere a power of two of at least 16.
+    ``chunk_rows`` / ``PRORANK_CHUNK_ROWS`` fix the rows instead.
     """
-    if override is None:
-        env = os.environ.get("PRORANK_CHUNK_ROWS")
-        override = int(env) if env else None
-    if override is not None:
-        if override < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {override}")
-        return max(1, min(override, n_rows))
-    if device is not None and device.type == "cuda":
-        rows = 1 << max(8, int(math.ceil(math.log2(max(hidden, 1)))))
+    if chunk_rows is None:
+        chunk_rows = _env_int("PRORANK_CHUNK_ROWS")
+    if chunk_bytes is None:
+        chunk_bytes = _env_int("PRORANK_CHUNK_BYTES")
+    on_cuda = device is not None and device.type == "cuda"
+    row_bytes = max(vocab, 1) * torch.empty((), dtype=dtype).element_size()
+    if chunk_rows is not None:
+        if isinstance(chunk_rows, bool) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        rows = chunk_rows
     else:
-        rows = 1 << max(4, int(math.log2(max((1 << 21) // max(vocab, 1), 1))))
-    return max(1, min(rows, n_rows))
+        budget = chunk_bytes if chunk_bytes is not None else (CHUNK_BYTES_CUDA if on_cuda else CHUNK_BYTES_CPU)
+        if isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {budget}")
+        fit = budget // (buffers * row_bytes)
+        if on_cuda:
+            rows = max(GEMM_ROWS, fit // GEMM_ROWS * GEMM_ROWS)
+        else:
+            rows = 1 << max(4, int(math.log2(max(fit, 1))))
+    rows = max(1, min(rows, n_rows))
+    return rows, buffers * rows * row_bytes
+
+
+def resolve_schedule(schedule: str | None) -> str:
+    """``serial`` (default) or ``overlap``; ``PRORANK_SCHEDULE`` sets the default."""
+    if schedule is None:
+        schedule = os.environ.get("PRORANK_SCHEDULE") or "serial"
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+# ---------------------------------------------------------------------------------------
+# Check modes: value checks cost a host-device sync each on CUDA.
+# ---------------------------------------------------------------------------------------
+
+CHECK_MODES = ("device", "full")
+
+
+def checks_mode(device: torch.device, checks: str | None = None) -> str:
+    """``full``: value checks on the host with exact messages (they read the data back, a sync
+    each on CUDA); ``device``: the same checks as asynchronous device-side asserts, no sync.
+
+    ``checks`` / ``PRORANK_CHECKS`` choose; the default is ``device`` on CUDA and ``full``
+    elsewhere, where reading a value costs no sync.
+    """
+    mode = checks if checks is not None else os.environ.get("PRORANK_CHECKS") or None
+    if mode is None:
+        return "device" if device.type == "cuda" else "full"
+    if mode not in CHECK_MODES:
+        source = "checks" if checks is not None else "PRORANK_CHECKS"
+        raise ValueError(f"{source} must be one of {CHECK_MODES}, got {mode!r}")
+    return mode
+
+
+def device_assert(condition: torch.Tensor, message: str) -> None:
+    """Assert a 0-d bool tensor without reading it back: on CUDA a failure surfaces as a
+    device-side assert at a later synchronisation; on CPU it raises at once."""
+    torch._assert_async(condition, message)
 
 
 # ---------------------------------------------------------------------------------------
@@ -123,15 +197,23 @@ def check_vector(name: str, t: torch.Tensor | None, length: int, *, device: torc
         raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
 
 
-def check_token_ids(name: str, ids: torch.Tensor, vocab: int) -> None:
+def check_token_ids(name: str, ids: torch.Tensor, vocab: int, mode: str = "full") -> None:
     if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
         raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    if not ids.numel():
+        return
+    if mode == "device":
+        device_assert(((ids >= 0) & (ids < vocab)).all(), f"{name} holds ids outside [0, {vocab})")
+    elif int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"{name} holds ids outside [0, {vocab}): min {int(ids.min())}, max {int(ids.max())}")
 
 
-def check_finite(name: str, t: torch.Tensor | None) -> None:
-    if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+def check_finite(name: str, t: torch.Tensor | None, mode: str = "full") -> None:
+    if t is None or not t.numel():
+        return
+    if mode == "device":
+        device_assert(torch.isfinite(t).all(), f"{name} holds non-finite values (nan or inf)")
+    elif not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} holds non-finite values (nan or inf)")
 
 

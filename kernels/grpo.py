@@ -160,9 +160,12 @@ class _Options:
     loss_type: str
     importance_sampling_level: str
     max_completion_length: int | None
-    num_items_in_batch: float | None
+    num_items_in_batch: float | torch.Tensor | None
     impl: str
     chunk_rows: int | None
+    chunk_bytes: int | None
+    schedule: str
+    checks: str  # "full" | "device": whether host syncs are allowed
 
 
 def _world():
@@ -178,7 +181,7 @@ def _token_weights(seq_ids, num_sequences, opts, device):
     if opts.loss_type == "dapo" and opts.num_items_in_batch is None and distributed:
         count = torch.tensor([float(seq_ids.numel())], device=device)
         torch.distributed.all_reduce(count)
-        global_tokens = float(count.item())
+        global_tokens = count if opts.checks == "device" else float(count.item())
     return reference.grpo_token_weights(
         seq_ids, num_sequences, opts.loss_type,
         max_completion_length=opts.max_completion_length, num_items_in_batch=opts.num_items_in_batch,
@@ -194,6 +197,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
         chunks = LMHeadChunks(
             hidden, weight, bias, need_hidden_grad=need[0], need_weight_grad=need[1],
             need_bias_grad=bias is not None and need[2], chunk_rows=opts.chunk_rows,
+            chunk_bytes=opts.chunk_bytes, schedule=opts.schedule,
         )  # fmt: skip
         c = _token_weights(seq_ids, num_seq, opts, hidden.device)
         inv_t = 1.0 / opts.temperature
@@ -244,6 +248,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
         grad_hidden, grad_weight, grad_bias = chunks.grads(bias)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.checks, ctx.scaled = opts.checks, False
         denom = max(n, 1)
         metrics = [
             out["kl"].sum() / denom if opts.beta != 0.0 else torch.zeros((), **f32),
@@ -256,8 +261,16 @@ class _FusedLinearGRPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_metric_grads):
-        unit = bool(grad_loss == 1.0)  # one sync; skip scaling [V, H] in the usual loss.backward()
-        grads = [None if g is None else (g if unit else g * grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
+        if ctx.checks == "full":
+            unit = bool(grad_loss == 1.0)  # one sync; skip scaling [V, H] in the usual loss.backward()
+            grads = [None if g is None else (g if unit else g * grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
+        else:
+            # No sync: scale in place (exact for the usual 1.0), once; the gradients were
+            # computed in the forward, so a second backward through the graph cannot be served.
+            if ctx.scaled:
+                raise RuntimeError("fused_linear_grpo_loss: a second backward through one call is not supported")
+            ctx.scaled = True
+            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
         # hidden, weight, bias, token_ids, advantages, seq_ids, old, ref, opts
         return (*grads, None, None, None, None, None, None)
 
@@ -288,10 +301,11 @@ def _as_positive_int(name, value) -> int:
 def _grpo_call(
     hidden, weight, token_ids, advantages, seq_ids, old_logprobs, ref_logprobs, *,
     bias, beta, epsilon_low, epsilon_high, delta, temperature, loss_type, importance_sampling_level,
-    max_completion_length, num_items_in_batch, impl, chunk_rows,
+    max_completion_length, num_items_in_batch, impl, chunk_rows, chunk_bytes=None, schedule=None, checks=None,
 ):  # fmt: skip
     """Validate, then run; returns (loss, the five metrics, Liger's token-weighted clip ratio)."""
-    validate_linear_tokens(hidden, weight, token_ids, bias, temperature)
+    mode = _utils.checks_mode(hidden.device, checks)
+    validate_linear_tokens(hidden, weight, token_ids, bias, temperature, mode)
     n, device = hidden.shape[0], hidden.device
     if not isinstance(advantages, torch.Tensor) or advantages.dim() != 1 or advantages.numel() < 1:
         shape = tuple(advantages.shape) if isinstance(advantages, torch.Tensor) else type(advantages).__name__
@@ -299,12 +313,12 @@ def _grpo_call(
     if advantages.device != device:
         raise ValueError(f"advantages is on {advantages.device} but hidden is on {device}")
     _utils.check_floating("advantages", advantages)
-    _utils.check_finite("advantages", advantages)
+    _utils.check_finite("advantages", advantages, mode)
     _utils.check_vector("seq_ids", seq_ids, n, device=device)
-    _utils.check_token_ids("seq_ids", seq_ids, advantages.numel())
+    _utils.check_token_ids("seq_ids", seq_ids, advantages.numel(), mode)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         _utils.check_vector(name, t, n, device=device)
-        _utils.check_finite(name, t)
+        _utils.check_finite(name, t, mode)
     if loss_type not in reference.LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {reference.LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in reference.IMPORTANCE_SAMPLING_LEVELS:
@@ -320,15 +334,23 @@ def _grpo_call(
     _check_number("epsilon_low", epsilon_low)
     _check_number("epsilon_high", epsilon_high)
     _check_number("delta", delta, positive=True, allow_none=True)
-    _check_number("num_items_in_batch", num_items_in_batch, positive=True, allow_none=True)
+    if isinstance(num_items_in_batch, torch.Tensor) and mode == "device":
+        # TRL passes a device tensor: keep it there rather than read it back
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be one number, got shape {tuple(num_items_in_batch.shape)}")
+        items = num_items_in_batch.detach().reshape(()).double()
+        _utils.device_assert(torch.isfinite(items) & (items > 0), "num_items_in_batch must be a finite positive number")
+    else:
+        _check_number("num_items_in_batch", num_items_in_batch, positive=True, allow_none=True)
+        items = None if num_items_in_batch is None else float(num_items_in_batch)
     impl = _utils.resolve_impl(impl, hidden, weight)
 
     opts = _Options(
         beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
         delta=None if delta is None else float(delta), temperature=float(temperature), loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
-        num_items_in_batch=None if num_items_in_batch is None else float(num_items_in_batch),
-        impl=impl, chunk_rows=chunk_rows,
+        num_items_in_batch=items, impl=impl, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes,
+        schedule=_utils.resolve_schedule(schedule), checks=mode,
     )  # fmt: skip
     ref = ref_logprobs.detach().float().contiguous() if ref_logprobs is not None else None
     old = old_logprobs.detach().float().contiguous() if old_logprobs is not None else None
@@ -363,6 +385,9 @@ def fused_linear_grpo_loss(
     num_items_in_batch: float | torch.Tensor | None = None,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    chunk_bytes: int | None = None,
+    schedule: str | None = None,
+    checks: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss of packed completions straight from the LM head (TRL's formulas).
 
@@ -381,7 +406,14 @@ def fused_linear_grpo_loss(
         importance_sampling_level: token | sequence (GSPO).
         max_completion_length: required by dr_grpo.
         impl: "auto" (Triton on CUDA, chunked PyTorch elsewhere) | "triton" | "torch".
-        chunk_rows: rows per logits chunk (default sized like the LM head).
+        chunk_rows: rows per logits chunk (default: from chunk_bytes).
+        chunk_bytes: byte budget of the transient logits buffers (default 256 MiB on CUDA,
+            8 MiB elsewhere; ``PRORANK_CHUNK_BYTES``).
+        schedule: "serial" | "overlap" (next chunk's logits GEMM on a side stream while this
+            chunk's row kernel and gradient GEMMs run; same results). ``PRORANK_SCHEDULE``.
+        checks: "full" (value checks with exact messages; host syncs) | "device" (no host
+            sync: device-side asserts; a second backward through one call is refused).
+            Default ``PRORANK_CHECKS``, else device on CUDA, full elsewhere.
 
     Returns:
         (loss, metrics): loss is an fp32 scalar differentiable w.r.t. hidden, weight, bias;
@@ -393,7 +425,7 @@ def fused_linear_grpo_loss(
         bias=bias, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
         temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        impl=impl, chunk_rows=chunk_rows,
+        impl=impl, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, schedule=schedule, checks=checks,
     )  # fmt: skip
     return loss, dict(zip(METRIC_NAMES, metrics, strict=True))
 
@@ -407,7 +439,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     metrics = (kl,) if beta != 0, then (clip_ratio,), computed as Liger computes them.
 
     ``compiled`` and ``chunk_size`` are accepted for compatibility and have no effect (the
-    kernels need no torch.compile and choose their own row chunks). Loss types beyond
+    kernels need no torch.compile and choose their own row chunks). Packing the padded input
+    (boolean-mask indexing) reads the mask's count back, one host sync per call that the packed
+    :func:`fused_linear_grpo_loss` does not make. Loss types beyond
     grpo / bnpo / dr_grpo / dapo, ``use_bias_correction_kl`` and ``vllm_is_ratio`` are not
     implemented and raise ValueError.
     """
@@ -435,6 +469,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         *,
         impl: str = "auto",
         chunk_rows: int | None = None,
+        chunk_bytes: int | None = None,
+        schedule: str | None = None,
+        checks: str | None = None,
     ):
         super().__init__()
         if loss_type in _LIGER_ONLY_LOSS_TYPES:
@@ -466,6 +503,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         self.delta = delta
         self.impl = impl
         self.chunk_rows = chunk_rows
+        self.chunk_bytes = chunk_bytes
+        self.schedule = schedule
+        self.checks = checks
 
     def forward(
         self,
@@ -506,7 +546,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                 with torch.no_grad():
                     ref = fused_linear_logprobs(
                         ref_input[mask], ref_weight, tokens, bias=ref_bias, temperature=self.temperature,
-                        impl=self.impl, chunk_rows=self.chunk_rows,
+                        impl=self.impl, chunk_rows=self.chunk_rows, chunk_bytes=self.chunk_bytes,
+                        schedule=self.schedule, checks=self.checks,
                     )  # fmt: skip
             else:
                 raise ValueError("use_ref_model=True needs ref_per_token_logps or ref_input")
@@ -517,7 +558,8 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             delta=self.delta, temperature=self.temperature, loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
-            impl=self.impl, chunk_rows=self.chunk_rows,
+            impl=self.impl, chunk_rows=self.chunk_rows, chunk_bytes=self.chunk_bytes, schedule=self.schedule,
+            checks=self.checks,
         )  # fmt: skip
         metrics = (kl, region_tokens) if self.beta != 0.0 else (region_tokens,)
         return loss, metrics

@@ -203,23 +203,40 @@ ROW_OPS = {
 
 
 class LMHeadChunks:
-    """Iterates [rows, V] raw-logit chunks of hidden @ weight.T in one reused buffer and
-    accumulates the gradient GEMMs of hidden, weight and bias.
+    """Iterates [rows, V] raw-logit chunks of hidden @ weight.T and accumulates the gradient
+    GEMMs of hidden, weight and bias.
 
     GEMMs run in the operands' common dtype (bf16 on GPU in training): that is where the
     FLOPs are, and it is what plain PyTorch does; the row kernels upcast to fp32. The
     weight gradient accumulates in place in the weight's dtype (one rounding per chunk),
     as Liger's fused linear cross-entropy does, so no fp32 [V, H] copy is needed.
+
+    Schedules: ``serial`` reuses one buffer, each chunk's logits GEMM after the previous
+    chunk's row kernel and gradient GEMMs. ``overlap`` alternates two buffers and runs the
+    logits GEMM of chunk i+1 on a side stream while the current stream runs chunk i's row
+    kernel and gradient GEMMs (the row kernel is bandwidth-bound, the GEMM compute-bound).
+    Both schedules do the same arithmetic in the same order per chunk, so their results are
+    identical; without CUDA streams ``overlap`` runs serially on its two buffers. The byte
+    budget covers all buffers (``_utils.chunk_plan``).
     """
 
-    def __init__(self, hidden, weight, bias, *, need_hidden_grad, need_weight_grad, need_bias_grad, chunk_rows=None):
+    def __init__(
+        self, hidden, weight, bias, *, need_hidden_grad, need_weight_grad, need_bias_grad,
+        chunk_rows=None, chunk_bytes=None, schedule="serial",
+    ):  # fmt: skip
         dtype = hidden.dtype if hidden.dtype == weight.dtype else torch.promote_types(hidden.dtype, weight.dtype)
         self.hidden = hidden.contiguous() if hidden.dtype == dtype else hidden.to(dtype).contiguous()
         self.weight = weight.contiguous() if weight.dtype == dtype else weight.to(dtype).contiguous()
         self.bias = bias
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
-        self.rows = _utils.row_chunk_size(self.n, self.vocab, hidden.shape[1], hidden.device, chunk_rows)
-        self.buffer = torch.empty((self.rows, self.vocab), device=hidden.device, dtype=dtype)
+        self.schedule = _utils.resolve_schedule(schedule)
+        n_buffers = 2 if self.schedule == "overlap" else 1
+        self.rows, self.transient_bytes = _utils.chunk_plan(
+            self.n, self.vocab, dtype, hidden.device, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, buffers=n_buffers
+        )
+        n_buffers = min(n_buffers, max(1, -(-self.n // self.rows)))  # one chunk needs one buffer
+        shape = (self.rows, self.vocab)
+        self.buffers = [torch.empty(shape, device=hidden.device, dtype=dtype) for _ in range(n_buffers)]
         self.grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         self.grad_weight = torch.zeros_like(weight) if need_weight_grad else None
         self.grad_bias = torch.zeros(self.vocab, device=hidden.device, dtype=torch.float32) if need_bias_grad else None
@@ -228,13 +245,51 @@ class LMHeadChunks:
     def needs_grad(self) -> bool:
         return any(g is not None for g in (self.grad_hidden, self.grad_weight, self.grad_bias))
 
+    def _logits(self, index: int, start: int, end: int) -> torch.Tensor:
+        raw = self.buffers[index % len(self.buffers)][: end - start]
+        torch.matmul(self.hidden[start:end], self.weight.t(), out=raw)
+        return raw
+
     def __iter__(self):
-        """Yields (start, end, raw logits view [end - start, V])."""
-        for start in range(0, self.n, self.rows):
-            end = min(start + self.rows, self.n)
-            raw = self.buffer[: end - start]
-            torch.matmul(self.hidden[start:end], self.weight.t(), out=raw)
-            yield start, end, raw
+        """Yields (start, end, raw logits view [end - start, V]); the caller finishes with a
+        chunk (row kernel, ``backward_chunk``) before it asks for the next one."""
+        bounds = [(start, min(start + self.rows, self.n)) for start in range(0, self.n, self.rows)]
+        if len(self.buffers) == 1 or not self.hidden.is_cuda:
+            for index, (start, end) in enumerate(bounds):
+                yield start, end, self._logits(index, start, end)
+            return
+        yield from self._overlapped(bounds)
+
+    def _overlapped(self, bounds):
+        main = torch.cuda.current_stream(self.hidden.device)
+        side = torch.cuda.Stream(self.hidden.device)
+        side.wait_stream(main)  # the inputs were written on the main stream
+        ready = []
+
+        def prefetch(index):
+            if index > 0:
+                # the buffer chunk `index` reuses was read by chunk index - 2's gradient GEMMs
+                free = torch.cuda.Event()
+                free.record(main)
+                side.wait_event(free)
+            with torch.cuda.stream(side):
+                raw = self._logits(index, *bounds[index])
+            event = torch.cuda.Event()
+            event.record(side)
+            ready.append((raw, event))
+
+        try:
+            prefetch(0)
+            for index, (start, end) in enumerate(bounds):
+                if index + 1 < len(bounds):
+                    prefetch(index + 1)
+                raw, event = ready[index]
+                main.wait_event(event)
+                yield start, end, raw
+        finally:
+            # order every side-stream write before the main stream's later work (also when the
+            # caller stops early), so the buffers may be freed on the main stream
+            main.wait_stream(side)
 
     def backward_chunk(self, start: int, end: int, grad_raw: torch.Tensor) -> None:
         """grad_raw [rows, V] = dL/d(hidden @ weight.T) for rows start:end."""
@@ -256,8 +311,8 @@ class LMHeadChunks:
         return self.grad_hidden, self.grad_weight, gb
 
 
-def validate_linear_tokens(hidden, weight, token_ids, bias, temperature):
+def validate_linear_tokens(hidden, weight, token_ids, bias, temperature, mode="full"):
     _utils.check_linear(hidden, weight, bias)
     _utils.check_vector("token_ids", token_ids, hidden.shape[0], device=hidden.device)
-    _utils.check_token_ids("token_ids", token_ids, weight.shape[0])
+    _utils.check_token_ids("token_ids", token_ids, weight.shape[0], mode)
     _utils.check_temperature(temperature)

@@ -20,13 +20,12 @@ from .lm_head import ROW_OPS, LMHeadChunks, validate_linear_tokens
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_ids, temperature, impl, chunk_rows):
+    def forward(ctx, hidden, weight, bias, token_ids, temperature, impl, plan):
         stats, _ = ROW_OPS[impl]
         inv_t = 1.0 / temperature
         chunks = LMHeadChunks(
-            hidden, weight, bias, need_hidden_grad=False, need_weight_grad=False, need_bias_grad=False,
-            chunk_rows=chunk_rows,
-        )  # fmt: skip
+            hidden, weight, bias, need_hidden_grad=False, need_weight_grad=False, need_bias_grad=False, **plan
+        )
         n = hidden.shape[0]
         logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
         lse = torch.empty_like(logp)
@@ -34,7 +33,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         for start, end, raw in chunks:
             logp[start:end], lse[start:end], ent[start:end] = stats(raw, bias, token_ids[start:end], inv_t)
         ctx.save_for_backward(hidden, weight, bias, token_ids, lse, ent)
-        ctx.inv_t, ctx.impl, ctx.chunk_rows = inv_t, impl, chunk_rows
+        ctx.inv_t, ctx.impl, ctx.plan = inv_t, impl, plan
         return logp, ent
 
     @staticmethod
@@ -44,7 +43,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         need = ctx.needs_input_grad
         chunks = LMHeadChunks(
             hidden, weight, bias, need_hidden_grad=need[0], need_weight_grad=need[1],
-            need_bias_grad=bias is not None and need[2], chunk_rows=ctx.chunk_rows,
+            need_bias_grad=bias is not None and need[2], **ctx.plan,
         )  # fmt: skip
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
@@ -68,6 +67,9 @@ def fused_linear_logprobs(
     return_entropy: bool = False,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    chunk_bytes: int | None = None,
+    schedule: str | None = None,
+    checks: str | None = None,
 ):
     """Log-probability of ``token_ids`` under the LM head, without materializing [N, V].
 
@@ -78,16 +80,22 @@ def fused_linear_logprobs(
         temperature: logits are divided by it (TRL's sampling temperature).
         return_entropy: also return the entropy of the full softmax per row.
         impl: "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton", "torch".
-        chunk_rows: rows per logits chunk (default sized like the LM head).
+        chunk_rows: rows per logits chunk (default: from chunk_bytes).
+        chunk_bytes: byte budget of the transient logits buffers (default 256 MiB on CUDA,
+            8 MiB elsewhere; ``PRORANK_CHUNK_BYTES``).
+        schedule: "serial" | "overlap" (next chunk's logits GEMM on a side stream while this
+            chunk's row kernel and gradient GEMMs run; same results). ``PRORANK_SCHEDULE``.
+        checks: "full" (value checks with exact messages; host syncs) | "device" (no host
+            sync: device-side asserts). Default ``PRORANK_CHECKS``, else device on CUDA.
 
     Returns:
         logp [N] fp32, or (logp, entropy) with return_entropy; differentiable w.r.t.
         hidden, weight and bias.
     """
-    validate_linear_tokens(hidden, weight, token_ids, bias, temperature)
+    mode = _utils.checks_mode(hidden.device, checks)
+    validate_linear_tokens(hidden, weight, token_ids, bias, temperature, mode)
     impl = _utils.resolve_impl(impl, hidden, weight)
+    plan = dict(chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, schedule=_utils.resolve_schedule(schedule))
     bias = bias.contiguous() if bias is not None else None  # the row kernels index it densely
-    logp, ent = _FusedLinearLogprobs.apply(
-        hidden, weight, bias, token_ids.contiguous(), float(temperature), impl, chunk_rows
-    )
+    logp, ent = _FusedLinearLogprobs.apply(hidden, weight, bias, token_ids.contiguous(), float(temperature), impl, plan)
     return (logp, ent) if return_entropy else logp

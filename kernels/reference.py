@@ -67,8 +67,11 @@ def linear_logprobs_reference(
 
 
 def seq_lengths(seq_ids: torch.Tensor, num_sequences: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Number of completion tokens per sequence, [S] (TRL's ``mask.sum(-1)``)."""
-    return torch.bincount(seq_ids.long(), minlength=num_sequences).to(dtype)
+    """Number of completion tokens per sequence, [S] (TRL's ``mask.sum(-1)``).
+
+    index_add, not bincount: bincount sizes its output from the data (a host sync on CUDA)."""
+    ones = torch.ones(seq_ids.shape, dtype=dtype, device=seq_ids.device)
+    return torch.zeros(num_sequences, dtype=dtype, device=seq_ids.device).index_add_(0, seq_ids.long(), ones)
 
 
 def grpo_token_weights(
@@ -79,7 +82,7 @@ def grpo_token_weights(
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
     world_size: int = 1,
-    global_num_tokens: float | None = None,
+    global_num_tokens: float | torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Aggregation weight c_n of each token, so that loss = sum_n c_n * per_token_loss_n.
@@ -89,7 +92,8 @@ def grpo_token_weights(
     dr_grpo: 1 / (S * max_completion_length)
     dapo:    1 / normalizer, normalizer = num_items_in_batch / world_size when given, else the
              token count summed over ranks / world_size (Liger's ``_compute_dapo_normalizer``;
-             TRL passes ``num_items_in_batch``); clamped to >= 1.
+             TRL passes ``num_items_in_batch``); clamped to >= 1. A tensor count stays on its
+             device (no host sync).
     """
     n = seq_ids.numel()
     device = seq_ids.device
@@ -103,11 +107,11 @@ def grpo_token_weights(
             raise ValueError("max_completion_length must be given for loss_type='dr_grpo'")
         return torch.full((n,), 1.0 / (num_sequences * max_completion_length), device=device, dtype=dtype)
     if loss_type == "dapo":
-        if num_items_in_batch is not None:
-            normalizer = float(num_items_in_batch) / world_size
-        else:
-            total = float(n) if global_num_tokens is None else float(global_num_tokens)
-            normalizer = total / world_size
+        count = num_items_in_batch if num_items_in_batch is not None else global_num_tokens
+        if isinstance(count, torch.Tensor):
+            normalizer = (count.to(device=device, dtype=torch.float64).reshape(()) / world_size).clamp(min=1.0)
+            return (1.0 / normalizer).to(dtype).expand(n).contiguous()
+        normalizer = (float(n) if count is None else float(count)) / world_size
         return torch.full((n,), 1.0 / max(normalizer, 1.0), device=device, dtype=dtype)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
@@ -210,7 +214,7 @@ def grpo_loss_from_logprobs(
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
     world_size: int = 1,
-    global_num_tokens: float | None = None,
+    global_num_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of packed per-token log-probs: (scalar loss, metrics)."""
     terms = grpo_per_token_terms(

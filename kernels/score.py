@@ -12,6 +12,7 @@ the formulas of :func:`reference.score_loss_reference`).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ from ._utils import (
     check_finite,
     check_linear,
     check_temperature,
-    check_token_ids,
     check_vector,
+    checks_mode,
+    device_assert,
     resolve_impl,
     triton_available,
 )
@@ -398,30 +400,31 @@ class RestrictedVocabScoreFunction(torch.autograd.Function):
 
 
 def _check_tokens(token_ids, token_weights, vocab: int) -> tuple[list[int], list[float]]:
-    """Validate the output set; returns plain Python lists (K is tiny)."""
+    """Validate the output set; returns plain Python lists (K is tiny). Python sequences are
+    checked in Python; a tensor output set is read back once (a sync when it is on a GPU)."""
     if isinstance(token_ids, torch.Tensor):
-        ids_t = token_ids.detach().reshape(-1).cpu()
         if token_ids.dim() != 1:
             raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+            raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+        ids = token_ids.detach().tolist()
     elif isinstance(token_ids, Sequence) and not isinstance(token_ids, str):
         if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in token_ids):
             raise ValueError(f"token_ids must hold ints, got {list(token_ids)!r}")
-        try:
-            ids_t = torch.tensor([int(t) for t in token_ids], dtype=torch.int64)
-        except (OverflowError, RuntimeError) as exc:
-            raise ValueError(f"token_ids holds ids outside [0, {vocab}): {list(token_ids)!r}") from exc
+        ids = [int(t) for t in token_ids]
     else:
         raise ValueError(
             f"token_ids must be a sequence of ints or a 1-D integer tensor, got {type(token_ids).__name__}"
         )
-    if ids_t.numel() == 0:
+    if not ids:
         raise ValueError("token_ids must not be empty")
-    check_token_ids("token_ids", ids_t, vocab)
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise ValueError(f"token_ids holds ids outside [0, {vocab}): min {min(ids)}, max {max(ids)}")
 
     if isinstance(token_weights, torch.Tensor):
         if token_weights.dim() != 1:
             raise ValueError(f"token_weights must be 1-D, got shape {tuple(token_weights.shape)}")
-        w_list = [float(x) for x in token_weights.detach().cpu().tolist()]
+        w_list = [float(x) for x in token_weights.detach().tolist()]
     elif isinstance(token_weights, Sequence) and not isinstance(token_weights, str):
         try:
             w_list = [float(x) for x in token_weights]
@@ -431,11 +434,11 @@ def _check_tokens(token_ids, token_weights, vocab: int) -> tuple[list[int], list
         raise ValueError(
             f"token_weights must be a sequence of floats or a 1-D tensor, got {type(token_weights).__name__}"
         )
-    if len(w_list) != ids_t.numel():
-        raise ValueError(f"token_weights has {len(w_list)} entries but token_ids has {ids_t.numel()}")
+    if len(w_list) != len(ids):
+        raise ValueError(f"token_weights has {len(w_list)} entries but token_ids has {len(ids)}")
     if not all(math.isfinite(x) for x in w_list):
         raise ValueError(f"token_weights holds non-finite values: {w_list}")
-    return [int(t) for t in ids_t.tolist()], w_list
+    return ids, w_list
 
 
 def _merge_duplicates(ids: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
@@ -447,11 +450,20 @@ def _merge_duplicates(ids: list[int], weights: list[float]) -> tuple[list[int], 
     return list(merged), list(merged.values())
 
 
+@functools.lru_cache(maxsize=64)
+def _device_tokens(ids: tuple[int, ...], weights: tuple[float, ...], device: torch.device):
+    """The output set as device tensors, copied once per (set, device): a host-to-device copy
+    from pageable memory waits for the stream, so a copy per call would be a sync per call."""
+    return (
+        torch.tensor(ids, dtype=torch.int64, device=device),
+        torch.tensor(weights, dtype=torch.float32, device=device),
+    )
+
+
 def _score_torch(hidden, weight, bias, ids: list[int], weights: list[float]) -> torch.Tensor:
     """Same maths in PyTorch on the K gathered rows ([K, H], never [B, V]); autograd's
     index_select backward scatters (and accumulates duplicates) into the [V, H] gradient."""
-    idx = torch.tensor(ids, dtype=torch.long, device=weight.device)
-    w = torch.tensor(weights, dtype=torch.float32, device=weight.device)
+    idx, w = _device_tokens(tuple(ids), tuple(weights), weight.device)
     z = hidden.float() @ weight.index_select(0, idx).float().t()  # [B, K]
     if bias is not None:
         z = z + bias.index_select(0, idx).float()
@@ -469,8 +481,7 @@ def _score(hidden, weight, bias, ids, weights, impl) -> torch.Tensor:
     if impl == "torch":
         return _score_torch(hidden, weight, bias, ids, weights)
     ids, weights = _merge_duplicates(ids, weights)
-    ids_t = torch.tensor(ids, dtype=torch.int64, device=hidden.device)
-    w_t = torch.tensor(weights, dtype=torch.float32, device=hidden.device)
+    ids_t, w_t = _device_tokens(tuple(ids), tuple(weights), hidden.device)
     return RestrictedVocabScoreFunction.apply(hidden, weight, bias, ids_t, w_t)
 
 
@@ -482,6 +493,7 @@ def restricted_vocab_score(
     *,
     bias: torch.Tensor | None = None,
     impl: str = "auto",
+    checks: str | None = None,
 ) -> torch.Tensor:
     """Restricted-vocabulary relevance score ``s[b] = sum_k w_k * (hidden[b] @ weight[t_k] + bias[t_k])``.
 
@@ -493,16 +505,21 @@ def restricted_vocab_score(
         token_weights: K floats (sequence or 1-D tensor), treated as constants. Default (1, -1).
         bias: [V] or None.
         impl: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+        checks: "full" | "device" (no host sync; the default on CUDA, ``PRORANK_CHECKS``).
+            The score itself reads no tensor back either way when token_ids/token_weights are
+            Python sequences (the output set is copied to the device once and cached); a
+            tensor output set is read back once per call.
 
     Returns:
         s [B] fp32, differentiable w.r.t. hidden, weight (a [V, H] gradient in weight's dtype,
         zero outside the K rows) and bias.
     """
     impl, ids, weights = _validate_score_args(hidden, weight, bias, token_ids, token_weights, impl)
+    checks_mode(hidden.device, checks)  # validates the setting: the score reads no device value either way
     return _score(hidden, weight, bias, ids, weights, impl)
 
 
-def _check_loss_args(n_rows, device, labels, loss, group_size, teacher_scores, temperature, reduction) -> None:
+def _check_loss_args(n_rows, device, labels, loss, group_size, teacher_scores, temperature, reduction, mode) -> None:
     if loss not in reference.SCORE_LOSSES:
         raise ValueError(f"loss must be one of {reference.SCORE_LOSSES}, got {loss!r}")
     if reduction not in ("mean", "sum"):
@@ -514,7 +531,7 @@ def _check_loss_args(n_rows, device, labels, loss, group_size, teacher_scores, t
             raise ValueError(f"labels must be given for loss={loss!r}")
     else:
         check_vector("labels", labels, n_rows, device=device)
-        check_finite("labels", labels)
+        check_finite("labels", labels, mode)
 
     if loss in ("listwise", "distill"):
         if group_size is None:
@@ -524,7 +541,9 @@ def _check_loss_args(n_rows, device, labels, loss, group_size, teacher_scores, t
         if n_rows % group_size != 0:
             raise ValueError(f"group_size={group_size} does not divide the batch size B={n_rows}")
 
-    if loss in ("bce", "mse"):
+    if mode == "device":
+        _device_label_checks(labels, loss, group_size)
+    elif loss in ("bce", "mse"):
         lab = labels.double()
         if lab.numel() and (float(lab.min()) < 0.0 or float(lab.max()) > 1.0):
             raise ValueError(
@@ -537,11 +556,24 @@ def _check_loss_args(n_rows, device, labels, loss, group_size, teacher_scores, t
         empty = (lab.sum(-1) == 0).nonzero().flatten()
         if empty.numel():
             raise ValueError(f"labels of listwise group(s) {empty.tolist()[:8]} sum to 0: no target to normalize")
-    elif loss == "distill":
+    if loss == "distill":
         if teacher_scores is None:
             raise ValueError("teacher_scores must be given for loss='distill'")
         check_vector("teacher_scores", teacher_scores, n_rows, device=device)
-        check_finite("teacher_scores", teacher_scores)
+        check_finite("teacher_scores", teacher_scores, mode)
+
+
+def _device_label_checks(labels, loss, group_size) -> None:
+    """The label value checks of full mode as device-side asserts (no host sync)."""
+    if labels is None or not labels.numel():
+        return
+    lab = labels.detach().double()
+    if loss in ("bce", "mse"):
+        device_assert(((lab >= 0.0) & (lab <= 1.0)).all(), f"labels must lie in [0, 1] for loss={loss!r}")
+    elif loss == "listwise":
+        lab = lab.reshape(-1, group_size)
+        device_assert((lab >= 0.0).all(), "labels must be >= 0 for loss='listwise'")
+        device_assert((lab.sum(-1) > 0).all(), "labels of a listwise group sum to 0: no target to normalize")
 
 
 def restricted_vocab_score_loss(
@@ -558,6 +590,7 @@ def restricted_vocab_score_loss(
     bias: torch.Tensor | None = None,
     reduction: str = "mean",
     impl: str = "auto",
+    checks: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-2 loss of the restricted-vocabulary score (formulas of ``reference.score_loss_reference``).
 
@@ -572,13 +605,18 @@ def restricted_vocab_score_loss(
         teacher_scores: [B] floats (distill).
         temperature: T > 0 (distill).
         reduction: "mean" (over items, or over groups for listwise / distill) or "sum".
+        checks: "full" (label checks on the host, exact messages) | "device" (the same checks as
+            device-side asserts, no host sync; the default on CUDA). ``PRORANK_CHECKS``.
 
     Returns:
         (loss, s): loss is an fp32 scalar; s [B] fp32 is the score it was computed from,
         still attached to the graph (detach it for logging).
     """
     impl, ids, weights = _validate_score_args(hidden, weight, bias, token_ids, token_weights, impl)
-    _check_loss_args(hidden.shape[0], hidden.device, labels, loss, group_size, teacher_scores, temperature, reduction)
+    mode = checks_mode(hidden.device, checks)
+    _check_loss_args(
+        hidden.shape[0], hidden.device, labels, loss, group_size, teacher_scores, temperature, reduction, mode
+    )
     s = _score(hidden, weight, bias, ids, weights, impl)
     # O(B) work on the scores: the fp32 reference formulas are the implementation.
     value = reference.score_loss_reference(
