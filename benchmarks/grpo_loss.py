@@ -20,9 +20,10 @@ glibc trimmed and its mmap threshold fixed so that RSS follows live tensors).
 Target (printed, not asserted): ours' peak memory growth <= 1/10 of the materialized baseline's.
 
 GPU suite: section c (``bench``): forward+backward in bf16 of ours, ours with impl="torch", PyTorch
-eager, torch.compile(eager), Liger chunked and Liger's Triton op (+ logits GEMM), time (CUDA events),
-peak extra memory, speedups, fraction of the three-GEMM roofline; and the GRPO and log-probs cases
-of section b (``check_cases``).
+eager, torch.compile(eager) (cold compile on the first shape only), Liger chunked and Liger's Triton
+op (+ logits GEMM; "skipped: not carried" without liger-kernel), time (CUDA events), peak extra
+memory, speedups, fraction of the three-GEMM roofline; and the GRPO and log-probs cases of
+section b (``check_cases``).
 
 Baselines, defined once so that every row times the same thing:
 
@@ -193,6 +194,7 @@ def grpo_step(
     """Build the forward(+loss) of one variant. Variants:
 
     ours / ours_torch  fused_linear_grpo_loss (impl as given / impl="torch")
+    ours_overlap       the same with schedule="overlap" (next chunk's logits GEMM on a side stream)
     eager              eager_grpo_loss (materialized logits)
     compile            torch.compile(eager_grpo_loss)
     reference          kernels.reference.grpo_loss_reference (fp32 materialized spec; entropy with grad)
@@ -202,10 +204,11 @@ def grpo_step(
     common = asdict(cfg)  # beta, epsilon_low/high, temperature, loss_type, importance_sampling_level
     args = (x.hidden, x.weight, x.token_ids, x.advantages, x.seq_ids, x.old_logprobs, x.ref_logprobs)
     wrt = (x.hidden, x.weight)
-    if variant in ("ours", "ours_torch"):
+    if variant in ("ours", "ours_torch", "ours_overlap"):
         use_impl = "torch" if variant == "ours_torch" else impl
-        f = lambda: fused_linear_grpo_loss(*args, **common, impl=use_impl)[0]
-        return C.Step(variant, f, wrt, note=f"impl={use_impl}")
+        schedule = "overlap" if variant == "ours_overlap" else "serial"
+        f = lambda: fused_linear_grpo_loss(*args, **common, impl=use_impl, schedule=schedule)[0]
+        return C.Step(variant, f, wrt, note=f"impl={use_impl}, schedule={schedule}")
     if variant == "eager":
         return C.Step(variant, lambda: eager_grpo_loss(*args, **common)[0], wrt)
     if variant == "compile":
@@ -490,7 +493,7 @@ def check_cases(suite: H.Suite, x: C.GRPOInputs, gen: torch.Generator) -> list[H
     grpo_args = (x.token_ids, x.advantages, x.seq_ids, x.old_logprobs, x.ref_logprobs)
     g = torch.randn(suite.args.check_n, device=suite.device, generator=gen)
 
-    def grpo(level, loss_type):
+    def grpo(level, loss_type, schedule="serial"):
         kw = dict(beta=beta, loss_type=loss_type, importance_sampling_level=level)
 
         def pack(out):
@@ -498,10 +501,10 @@ def check_cases(suite: H.Suite, x: C.GRPOInputs, gen: torch.Generator) -> list[H
             return {"loss": loss, "kl": metrics["kl"], "entropy": metrics["entropy"]}, loss
 
         return H.CheckCase(
-            f"grpo {level} ({loss_type})",
+            f"grpo {level} ({loss_type})" + (f", {schedule}" if schedule != "serial" else ""),
             lambda h, w: pack(reference.grpo_loss_reference(h, w, *grpo_args, **kw)),
             lambda h, w: pack(eager_grpo_loss(h, w, *grpo_args, **kw)),
-            lambda h, w: pack(fused_linear_grpo_loss(h, w, *grpo_args, **kw, impl=impl)),
+            lambda h, w: pack(fused_linear_grpo_loss(h, w, *grpo_args, **kw, impl=impl, schedule=schedule)),
         )
 
     def logprobs():
@@ -517,16 +520,17 @@ def check_cases(suite: H.Suite, x: C.GRPOInputs, gen: torch.Generator) -> list[H
             lambda h, w: pack(fused_linear_logprobs(h, w, x.token_ids, return_entropy=True, impl=impl)),
         )
 
-    return [grpo("token", "dapo"), grpo("sequence", "grpo"), logprobs()]
+    return [grpo("token", "dapo"), grpo("token", "dapo", "overlap"), grpo("sequence", "grpo"), logprobs()]
 
 
 # ---------------------------------------------------------------------------------------
 # GPU suite, section c: fused GRPO forward+backward
 # ---------------------------------------------------------------------------------------
 
-GPU_VARIANTS = ("ours", "ours_torch", "eager", "compile", "liger_chunked", "liger_triton")
+GPU_VARIANTS = ("ours", "ours_overlap", "ours_torch", "eager", "compile", "liger_chunked", "liger_triton")
 GPU_LABELS = {
     "ours": "ours",
+    "ours_overlap": 'ours schedule="overlap"',
     "ours_torch": 'ours impl="torch" (chunked)',
     "eager": "PyTorch eager (materialized)",
     "compile": "torch.compile(eager)",
@@ -551,6 +555,9 @@ def add_gpu_args(p) -> None:
     g.add_argument("--loss-type", default="dapo")
     g.add_argument("--liger-chunk-size", type=int, default=1, help="Liger's default is 1 (one sequence per chunk)")
     g.add_argument("--liger-compiled", default="auto", choices=("auto", "0", "1"), help="auto: Liger default on CUDA")
+    g.add_argument(
+        "--compile-all-shapes", action="store_true", help="torch.compile(eager) at every shape (default: the first)"
+    )
     H.add_timing_args(g)
 
 
@@ -567,9 +574,15 @@ def finish_gpu_args(p, args) -> None:
     args.shapes = shapes
 
 
-def _variant_unavailable(suite: H.Suite, variant: str) -> str:
+LIGER_NOT_CARRIED = "skipped: not carried"  # no liger-kernel: carry its wheel in .whl/ (benchmarks/README.md)
+COMPILE_FIRST_SHAPE = "skipped: cold compile on the first shape only (--compile-all-shapes)"
+
+
+def _variant_unavailable(suite: H.Suite, variant: str, shape_index: int = 0) -> str:
     if variant in ("liger_chunked", "liger_triton") and C.liger_version() is None:
-        return "skipped: liger-kernel missing"
+        return LIGER_NOT_CARRIED
+    if variant == "compile" and shape_index > 0 and not suite.args.compile_all_shapes:
+        return COMPILE_FIRST_SHAPE
     if variant == "liger_triton" and suite.device.type != "cuda" and not C.env_flag("TRITON_INTERPRET"):
         return "skipped: needs CUDA (Triton)"
     if variant == "ours_torch" and suite.args.impl == "torch":
@@ -598,10 +611,11 @@ def gpu_section(suite: H.Suite) -> None:
     cfg = GRPOSettings(beta=a.beta, loss_type=a.loss_type)
     liger_compiled = dev.type == "cuda" if a.liger_compiled == "auto" else a.liger_compiled == "1"
     flops_peak = H.peak_flops(suite)
-    for n, h, v in a.shapes:
+    for shape_index, (n, h, v) in enumerate(a.shapes):
         shape = f"N={n} H={h} V={v}"
         if n % a.seq_len:
             suite.bench.append(dict(shape=shape, variant="-", status=f"N not a multiple of --seq-len {a.seq_len}"))
+            suite.row_done("bench")
             continue
         s = n // a.seq_len
         try:
@@ -609,17 +623,20 @@ def gpu_section(suite: H.Suite) -> None:
         except Exception as exc:  # noqa: BLE001
             suite.bench.append(dict(shape=shape, variant="inputs", status=H.describe_failure(exc)))
             H.cleanup(dev)
+            suite.row_done("bench")
             continue
         roofline_s = 6 * n * h * v / flops_peak if flops_peak else None
-        rows = []
+        rows = []  # this shape's rows, also in suite.bench as soon as each one is finished
         for variant in a.variants:
             row = dict(shape=shape, n=n, h=h, v=v, s=s, variant=variant, label=GPU_LABELS[variant])
             if variant == "ours":
                 row["label"] = f'ours impl="{a.impl}"'
-            reason = _variant_unavailable(suite, variant)
+            reason = _variant_unavailable(suite, variant, shape_index)
             if reason or suite.over_budget():
                 row["status"] = reason or H.SKIPPED
                 rows.append(row)
+                suite.bench.append(row)
+                suite.row_done("bench")
                 continue
             try:
                 step = grpo_step(variant, x, cfg, impl=a.impl, liger_compiled=liger_compiled,
@@ -633,20 +650,26 @@ def gpu_section(suite: H.Suite) -> None:
             step = None
             H.cleanup(dev)
             rows.append(row)
+            suite.bench.append(row)
+            _relate(rows)
             suite.log(
                 f"bench {shape} {variant}: {row['status']}"
                 + (f" {row['median'] * 1e3:.2f} ms, peak +{H.fmt_bytes(row['peak_bytes'])}" if "median" in row else "")
             )
-        ours = H.add_speedups(rows)
-        base_loss = next((r["loss"] for r in rows if r["variant"] == "eager" and "loss" in r), None)
-        for r in rows:
-            if ours is not None and "median" in r and r.get("peak_bytes"):
-                r["mem_ratio_ours"] = ours["peak_bytes"] / r["peak_bytes"]
-            if base_loss is not None and "loss" in r:
-                r["loss_rel_diff"] = H.rel_diff(r["loss"], base_loss)
-        suite.bench.extend(rows)
+            suite.row_done("bench")
         del x
         H.cleanup(dev)
+
+
+def _relate(rows: list[dict]) -> None:
+    """Speedup and memory ratio against ours, loss against eager, over one shape's rows so far."""
+    ours = H.add_speedups(rows)
+    base_loss = next((r["loss"] for r in rows if r["variant"] == "eager" and "loss" in r), None)
+    for r in rows:
+        if ours is not None and "median" in r and r.get("peak_bytes"):
+            r["mem_ratio_ours"] = ours["peak_bytes"] / r["peak_bytes"]
+        if base_loss is not None and "loss" in r:
+            r["loss_rel_diff"] = H.rel_diff(r["loss"], base_loss)
 
 
 def gpu_render(suite: H.Suite) -> list[str]:

@@ -10,9 +10,11 @@
 * failures of a GPU row (OOM, errors) as the tables print them, and retries at half the size on OOM;
 * formatting: markdown tables, ms, bytes, ratios, errors;
 * the CPU suites' configurations (dataclass fields = ``--flags`` and ``PRORANK_BENCH_*`` overrides);
-* the GPU suite's run context (``Suite``: arguments, time budget, log, timer) and its two
-  theme-free sections: a. measured peaks (the roofline's and MFU's denominator) and the driver of
-  b. correctness (ours and plain PyTorch against a float64 gold; the cases come from the themes).
+* the GPU suite's run context (``Suite``: arguments, time budget, log, timer, and ``row_done``,
+  which rewrites the report after every finished row) and its theme-free parts: a. measured peaks
+  (the roofline's and MFU's denominator), the driver of b. correctness (ours and plain PyTorch
+  against a float64 gold; the cases come from the themes), and the preflight of the model
+  sections (the varlen attention backend against SDPA, ``preflight_varlen``).
 
 Peak memory is measured by ``_memory``. Imports go downward only: ``_common`` / ``_memory`` /
 ``harness`` -> the theme files -> ``gpu_suite``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import math
 import os
 import statistics
@@ -430,10 +433,19 @@ def add_timing_args(g) -> None:
     g.add_argument("--target-s", type=float, default=1.0, help="timed seconds per row (within min/max reps)")
 
 
+# Test hook: "<section>:<k>" makes the row after the k-th finished row of that section a fake slow
+# row (it sleeps for an hour), so that a test can kill the run in the middle of a section.
+STALL_ENV = "PRORANK_GPU_SUITE_TEST_STALL"
+
+
 @dataclass
 class Suite:
-    """One run of the GPU suite: its arguments, the time budget, the log, the timer and every
-    section's results (filled by the sections, rendered by ``gpu_suite``)."""
+    """One run of the GPU suite (one process of it): its arguments, the time budget, the log, the
+    timer and every section's results (filled by the sections, rendered by ``gpu_suite``).
+
+    Every section calls ``row_done(section)`` after each row it adds; ``checkpoint`` (set by
+    ``gpu_suite``) then rewrites the whole report on disk, atomically, so that a run killed at any
+    moment keeps every row it finished."""
 
     args: argparse.Namespace
     t0: float = field(default_factory=time.perf_counter)
@@ -442,10 +454,14 @@ class Suite:
     checks: list = field(default_factory=list)
     bench: list = field(default_factory=list)
     score: dict = field(default_factory=dict)
+    preflight: dict = field(default_factory=dict)
     stage2: dict = field(default_factory=dict)
     rerank: dict = field(default_factory=dict)
     stage1: dict = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)  # process name -> sections, status, seconds (gpu_suite)
     notes: list = field(default_factory=list)
+    checkpoint: Callable[[], object] | None = field(default=None, repr=False)
+    rows_done: dict = field(default_factory=dict)  # section -> rows finished in this process
 
     @property
     def device(self) -> torch.device:
@@ -469,6 +485,19 @@ class Suite:
     def skipped_rows(self, variants: Sequence[str], labels: dict) -> list[dict]:
         """Rows for variants left out by the time budget."""
         return [dict(variant=v, label=labels[v], status=SKIPPED) for v in variants]
+
+    def row_done(self, section: str) -> None:
+        """A section finished a row (measured, failed or skipped): write the report now. A failure
+        to write is logged, never raised: the measurement goes on."""
+        self.rows_done[section] = done = self.rows_done.get(section, 0) + 1
+        if self.checkpoint is not None:
+            try:
+                self.checkpoint()
+            except Exception as exc:  # noqa: BLE001 - a full disk must not stop the run
+                self.log(f"could not write the report: {describe_failure(exc)}")
+        if os.environ.get(STALL_ENV) == f"{section}:{done}":
+            self.log(f"{STALL_ENV}: row {done + 1} of {section} is a fake slow row (sleeps for an hour)")
+            time.sleep(3600)
 
 
 def add_speedups(rows: list[dict]) -> dict | None:
@@ -524,12 +553,14 @@ def section_peak(suite: Suite) -> None:
     except Exception as exc:  # noqa: BLE001 - reported in the table
         suite.peak["matmul"] = {"size": a.matmul_size, "error": describe_failure(exc)}
     cleanup(suite.device)
+    suite.row_done("peak")
     try:
         suite.peak["copy"] = _copy_bandwidth(suite)
         suite.log(f"copy {a.copy_mib} MiB: {suite.peak['copy']['gbps']:.0f} GB/s (read + write)")
     except Exception as exc:  # noqa: BLE001
         suite.peak["copy"] = {"bytes": a.copy_mib * 2**20, "error": describe_failure(exc)}
     cleanup(suite.device)
+    suite.row_done("peak")
 
 
 def peak_flops(suite: Suite) -> float | None:
@@ -647,12 +678,14 @@ def section_check(suite: Suite, *case_sources: Callable) -> None:
         for case in cases:
             if suite.over_budget():
                 suite.checks.append(dict(case=case.name, dtype=dname, quantity="-", status=SKIPPED))
+                suite.row_done("check")
                 continue
             try:
                 gold = run_case(case.gold, hidden.to(gold_dtype), weight.to(gold_dtype))
             except Exception as exc:  # noqa: BLE001
                 suite.checks.append(dict(case=case.name, dtype=dname, quantity="gold", status=describe_failure(exc)))
                 cleanup(dev)
+                suite.row_done("check")
                 continue
             results = {}
             for who, fn in (("plain", case.plain), ("ours", case.ours)):
@@ -669,6 +702,7 @@ def section_check(suite: Suite, *case_sources: Callable) -> None:
             cleanup(dev)
             fails = [r for r in rows if r["status"] == "FAIL"]
             suite.log(f"check {case.name} {dname}: {'FAIL ' + str(len(fails)) if fails else 'PASS'}")
+            suite.row_done("check")
     del x
     cleanup(dev)
 
@@ -698,3 +732,97 @@ def render_checks(suite: Suite) -> list[str]:
 def check_targets(suite: Suite) -> list[list[str]]:
     n_fail = sum(r["status"] == "FAIL" for r in suite.checks)
     return [["correctness checks", f"{n_fail} FAIL of {len(suite.checks)}", "met" if not n_fail else "MISSED"]]
+
+
+# ---------------------------------------------------------------------------------------
+# Preflight of the model sections: the varlen attention backend against SDPA
+# ---------------------------------------------------------------------------------------
+
+# (query tokens, key tokens) per sequence. Stage 1's shared prefix attends from the last tokens of
+# a longer key sequence (completions after their prompt: causal, aligned bottom-right); the last
+# sequence is a plain packed one (stage 2, rerank).
+PREFLIGHT_SEQS = ((1, 300), (4, 260), (37, 517), (16, 80), (129, 129))
+PREFLIGHT_HEADS = (14, 2, 64)  # query heads, KV heads, head dim (Qwen2.5-0.5B's GQA)
+PREFLIGHT_SLACK = 1e-2  # bf16, as section b
+
+
+def preflight_varlen(device, *, seed: int = 0, backend: str | None = None) -> dict:
+    """The varlen attention backend the model sections would run (``backend``; None: resolved as
+    they resolve it, ``prorank_fast.modeling.resolve_backend``) against SDPA, forward and backward,
+    bf16, GQA 14/2 heads of dim 64, causal sequences with more keys than queries (``PREFLIGHT_SEQS``).
+    Both run through ``prorank_fast.modeling.attention.varlen_attention``; the gold is SDPA in fp32.
+    PASS when the backend's relative error <= SDPA's own bf16 error + 1e-2 on the output and on the
+    gradients of q, k and v. A resolved "sdpa" is skipped (nothing else would run).
+
+    Returns {"status": "PASS" | "FAIL: why" | "skipped: why", "backend", "shape", "rows", "seconds"}."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    hq, hkv, d = PREFLIGHT_HEADS
+    lq, lk = [q for q, _ in PREFLIGHT_SEQS], [k for _, k in PREFLIGHT_SEQS]
+    result: dict = {
+        "backend": backend,
+        "shape": f"bf16, GQA {hq}/{hkv} heads of dim {d}, {len(lq)} causal sequences of {min(lq)}-{max(lq)} "
+        f"queries over {min(lk)}-{max(lk)} keys (queries = the last tokens, as stage 1's shared prefix)",
+        "rows": [],
+    }
+    try:
+        from prorank_fast.modeling import attention
+
+        if backend is None:
+            result["backend"] = backend = attention.resolve_backend(device, torch.bfloat16)
+            if backend == "sdpa":
+                why = "forced" if attention.get_varlen_backend() == "sdpa" else "no flash-attn / torch varlen here"
+                result["status"] = f"skipped: the model sections run SDPA ({why}; device {device.type})"
+                return result
+        gen = torch.Generator().manual_seed(seed)
+        q0, k0, v0 = (torch.randn(sum(n), h, d, generator=gen) for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
+        g0 = torch.randn(sum(lq), hq, d, generator=gen)
+        cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=device) for n in (lq, lk))
+
+        def run(dtype: torch.dtype, which: str) -> dict[str, torch.Tensor]:
+            q, k, v = (x.to(device=device, dtype=dtype).requires_grad_() for x in (q0, k0, v0))
+            o = attention.varlen_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), scale=d**-0.5, causal=True,
+                                           backend=which)  # fmt: skip
+            dq, dk, dv = torch.autograd.grad(o, (q, k, v), g0.to(device=device, dtype=dtype))
+            return {"out": o.detach(), "grad_q": dq, "grad_k": dk, "grad_v": dv}
+
+        gold, plain, ours = run(torch.float32, "sdpa"), run(torch.bfloat16, "sdpa"), run(torch.bfloat16, backend)
+        sync(device)
+        for name in gold:
+            err, base = rel_err(ours[name], gold[name]), rel_err(plain[name], gold[name])
+            bound = base + PREFLIGHT_SLACK
+            status = "PASS" if math.isfinite(err) and err <= bound else "FAIL"
+            result["rows"].append(dict(quantity=name, ours=err, sdpa=base, bound=bound, status=status))
+        bad = [r for r in result["rows"] if r["status"] == "FAIL"]
+        result["status"] = (
+            "FAIL: " + ", ".join(f"{r['quantity']} error {fmt_err(r['ours'])} > {fmt_err(r['bound'])}" for r in bad)
+            if bad
+            else "PASS"
+        )
+    except Exception as exc:  # noqa: BLE001 - the verdict says why
+        traceback.print_exc()
+        result["status"] = "FAIL: " + describe_failure(exc)
+    finally:
+        result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def render_preflight(suite: Suite) -> list[str]:
+    pf = suite.preflight
+    md = ["", "## Preflight of the model sections: varlen attention against SDPA", ""]
+    if not pf:
+        return md + ["Not run (yet)."]
+    ran = pf.get("models_backend")
+    status = pf.get("status", "?")
+    what = "" if not pf.get("rows") else f"{pf.get('backend')} against SDPA (gold: SDPA in fp32), {pf.get('shape')}; "
+    md.append(
+        f"**{status}**"
+        + (f": {what}{pf['seconds']:.1f} s" if what else "")
+        + ". The model sections ran with the "
+        + (f"{ran} backend." if ran else "backend they resolve (not started yet).")
+    )
+    if pf.get("rows"):
+        rows = [[r["quantity"], fmt_err(r["ours"]), fmt_err(r["sdpa"]), fmt_err(r["bound"]), r["status"]]
+                for r in pf["rows"]]  # fmt: skip
+        md += ["", markdown_table(["quantity", pf.get("backend", "backend"), "SDPA bf16", "bound", "result"], rows)]
+    return md

@@ -588,6 +588,7 @@ def gpu_section(suite: H.Suite) -> None:
     variants = [v.strip() for v in a.rr_variants.split(",") if v.strip()]
     if suite.over_budget():
         rows += suite.skipped_rows(variants, GPU_LABELS)
+        suite.row_done("rerank")
         return
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     lm, config = C.qwen2_model(a.rr_layers, dev, dtype, smoke=a.smoke, seed=a.seed, use_cache=False)
@@ -610,6 +611,7 @@ def gpu_section(suite: H.Suite) -> None:
         row = dict(variant=variant, label=GPU_LABELS[variant])
         if suite.over_budget():
             rows.append({**row, "status": H.SKIPPED})
+            suite.row_done("rerank")
             continue
 
         def attempt(batch: int, variant=variant, row=row) -> dict:
@@ -640,16 +642,17 @@ def gpu_section(suite: H.Suite) -> None:
             row["s_per_query"] = row["median"]
             row["docs_per_s"] = len(prompts) / row["median"]
         rows.append(row)
+        H.add_speedups(rows)
+        for r in rows:
+            if "ours" in scores and r["variant"] in scores:
+                ref = scores["ours"]
+                r["max_score_diff"] = float((scores[r["variant"]] - ref).abs().max())
+                r["score_spread"] = float(ref.max() - ref.min())
         suite.log(
             f"rerank {variant}: {row['status']}"
             + (f" {row['median']:.3f} s/query, {row['docs_per_s']:.0f} docs/s" if "median" in row else "")
         )
-    H.add_speedups(rows)
-    for r in rows:
-        if "ours" in scores and r["variant"] in scores:
-            ref = scores["ours"]
-            r["max_score_diff"] = float((scores[r["variant"]] - ref).abs().max())
-            r["score_spread"] = float(ref.max() - ref.min())
+        suite.row_done("rerank")
 
 
 def gpu_render(suite: H.Suite) -> list[str]:

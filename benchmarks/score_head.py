@@ -114,6 +114,7 @@ def _time_heads(suite: H.Suite) -> None:
         except Exception as exc:  # noqa: BLE001
             out[f"{who}_head"] = {"status": H.describe_failure(exc)}
         H.cleanup(dev)
+        suite.row_done("score")
 
 
 def _time_backbone(suite: H.Suite) -> None:
@@ -168,6 +169,7 @@ def gpu_section(suite: H.Suite) -> None:
         head = out.get(f"{who}_head", {}).get("median")
         if bb and head:
             out[f"{who}_ratio"] = head / bb
+    suite.row_done("score")
     suite.log(
         f"score head {H.fmt_ms(out.get('ours_head', {}).get('median'))} ms vs backbone step "
         f"{H.fmt_ms(bb)} ms: ratio {H.fmt_ratio(out.get('ours_ratio'), 5)}"

@@ -761,6 +761,7 @@ def gpu_section(suite: H.Suite) -> None:
     rows = out.setdefault("rows", [])
     if suite.over_budget():
         rows += suite.skipped_rows(GPU_VARIANTS, GPU_LABELS)
+        suite.row_done("stage1")
         return
     a, dev = suite.args, suite.device
     s = gpu_settings(a.smoke)
@@ -787,21 +788,24 @@ def gpu_section(suite: H.Suite) -> None:
         out["check"] = {"error": H.describe_failure(exc)}
     ours = full = None
     H.cleanup(dev)
+    suite.row_done("stage1")  # the equal-work check
     for variant in GPU_VARIANTS:
         if suite.over_budget():
             rows += suite.skipped_rows([variant], GPU_LABELS)
+            suite.row_done("stage1")
             continue
         row = _gpu_row(suite, variant, lm, cfg, data, gpf if variant == "full" else None)
         if "median" in row:
             row["tokens_per_s"] = tokens / row["median"]
             row["completions_per_s"] = cfg.prompts * cfg.group_size / row["median"]
         rows.append(row)
+        H.add_speedups(rows)
         H.cleanup(dev)
         suite.log(
             f"stage1 {variant}: {row['status']}"
             + (f" {row['median'] * 1e3:.1f} ms, {row['tokens_per_s']:.0f} tok/s" if "median" in row else "")
         )
-    H.add_speedups(rows)
+        suite.row_done("stage1")
     del lm
     H.cleanup(dev)
 

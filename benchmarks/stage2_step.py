@@ -1173,6 +1173,7 @@ def gpu_section(suite: H.Suite) -> None:
     rows = out.setdefault("rows", [])
     if suite.over_budget():
         rows += suite.skipped_rows(a.s2_variants, GPU_LABELS)
+        suite.row_done("stage2")
         return
     lm, config = C.qwen2_model(a.s2_layers, dev, torch.bfloat16, smoke=a.smoke, seed=a.seed, use_cache=False)
     lm.train()
@@ -1199,6 +1200,7 @@ def gpu_section(suite: H.Suite) -> None:
     for variant in a.s2_variants:
         if suite.over_budget():
             rows += suite.skipped_rows([variant], GPU_LABELS)
+            suite.row_done("stage2")
             continue
         row = _gpu_row(suite, variant, lm, batch, pad_id)
         if "median" in row:
@@ -1208,16 +1210,17 @@ def gpu_section(suite: H.Suite) -> None:
             if flops_peak:
                 row["mfu"] = flops / row["median"] / flops_peak
         rows.append(row)
+        ours = H.add_speedups(rows)
+        for r in rows:
+            if ours is not None and r.get("loss0") is not None:
+                r["loss_rel_diff"] = H.rel_diff(r["loss0"], ours["loss0"])
         H.cleanup(dev)
         suite.log(
             f"stage2 {variant}: {row['status']}"
             + (f" {row['median'] * 1e3:.1f} ms, {row['tokens_per_s']:.0f} tok/s" if "median" in row else "")
             + (f", MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "")
         )
-    ours = H.add_speedups(rows)
-    for r in rows:
-        if ours is not None and r.get("loss0") is not None:
-            r["loss_rel_diff"] = H.rel_diff(r["loss0"], ours["loss0"])
+        suite.row_done("stage2")
     del lm, batch
     H.cleanup(dev)
 
