@@ -30,6 +30,7 @@ from ._utils import (
     resolve_impl,
     triton_available,
 )
+from .invariant_matmul import batch_invariant_linear
 
 __all__ = ["RestrictedVocabScoreFunction", "restricted_vocab_score", "restricted_vocab_score_loss"]
 
@@ -462,12 +463,13 @@ def _device_tokens(ids: tuple[int, ...], weights: tuple[float, ...], device: tor
 
 def _score_torch(hidden, weight, bias, ids: list[int], weights: list[float]) -> torch.Tensor:
     """Same maths in PyTorch on the K gathered rows ([K, H], never [B, V]); autograd's
-    index_select backward scatters (and accumulates duplicates) into the [V, H] gradient."""
+    index_select backward scatters (and accumulates duplicates) into the [V, H] gradient.
+    Batch-invariant like the Triton kernel: a row's score never depends on the other rows."""
     idx, w = _device_tokens(tuple(ids), tuple(weights), weight.device)
-    z = hidden.float() @ weight.index_select(0, idx).float().t()  # [B, K]
+    z = batch_invariant_linear(hidden.float(), weight.index_select(0, idx).float(), impl="tiles")  # [B, K]
     if bias is not None:
         z = z + bias.index_select(0, idx).float()
-    return z @ w
+    return (z * w).sum(-1)  # a per-row sum over K, not a GEMV whose blocking could depend on B
 
 
 def _validate_score_args(hidden, weight, bias, token_ids, token_weights, impl) -> tuple[str, list[int], list[float]]:

@@ -30,7 +30,14 @@ import torch
 from . import data as data_mod
 from .data.records import iter_jsonl, text_field
 from .errors import DataError
-from .modeling import ATTN_IMPLEMENTATION, enable_autocast, load_tokenizer, resolve_dtype, set_varlen_backend
+from .modeling import (
+    ATTN_IMPLEMENTATION,
+    batch_invariant_linears,
+    enable_autocast,
+    load_tokenizer,
+    resolve_dtype,
+    set_varlen_backend,
+)
 from .packing import budget_batches, pack_sequences
 from .scoring import RerankerScorer
 
@@ -84,6 +91,9 @@ class Reranker:
         scorer: the module whose forward scores a packed batch; None wraps `model` in a
             RerankerScorer. The trainer passes its own (FSDP-sharded) root, which gathers the
             parameters in its forward: the model is then used as it is (not moved, not switched).
+        batch_invariant: a pair's score is bitwise the same whatever else is in the call (order,
+            neighbours, duplicates, max_tokens, CPU threads): the model's linears run on fixed
+            row tiles (:func:`~prorank_fast.modeling.batch_invariant_linears`). Default True.
     """
 
     def __init__(
@@ -100,6 +110,7 @@ class Reranker:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         device: str | torch.device | None = None,
         scorer: torch.nn.Module | None = None,
+        batch_invariant: bool = True,
     ):
 
         self.template = data_mod.get_template(template)
@@ -115,6 +126,7 @@ class Reranker:
         self.max_length = int(max_length)
         self.min_query_tokens = min(int(min_query_tokens), self.max_length - 1) or 1
         self.max_tokens = max(int(max_tokens), self.max_length)  # a prompt always fits a batch
+        self.batch_invariant = bool(batch_invariant)
         if scorer is not None:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
             self.model, self._scorer = scorer, scorer
@@ -141,6 +153,7 @@ class Reranker:
         template: str | None = None,
         varlen_backend: str | None = None,
         autocast: str | None = None,
+        batch_invariant: bool = True,
     ) -> Reranker:
         """Load a folder written by ``export.export_model`` (``final/``): safetensors, tokenizer and
         ``config.json["prorank"]`` (template, output_token_ids, token_weights, instruction, max_length).
@@ -150,6 +163,7 @@ class Reranker:
         entry (e.g. mxbai-rerank-v2 itself) loads when ``template`` is given.
         varlen_backend: force "flash_attn" | "torch_varlen" | "sdpa" (process-wide; default: auto).
         autocast: "bfloat16" runs the decoder under torch.autocast (the head stays in `dtype`).
+        batch_invariant: scores independent of the rest of the call, bit for bit (see the class).
         """
         from transformers import AutoModelForCausalLM
 
@@ -187,6 +201,7 @@ class Reranker:
             min_query_tokens=entry.get("min_query_tokens", _DEFAULT_MIN_QUERY_TOKENS),
             max_tokens=max_tokens,
             device=device,
+            batch_invariant=batch_invariant,
         )
 
     # -- scoring ---------------------------------------------------------------------------
@@ -241,7 +256,8 @@ class Reranker:
         try:
             for batch in batches:
                 packed = pack_sequences([sequences[i] for i in batch], [0.0] * len(batch)).to(self.device)
-                out = self._scorer(packed)
+                with batch_invariant_linears(self.model, self.batch_invariant):
+                    out = self._scorer(packed)
                 for i, s in zip(batch, out.float().cpu().tolist(), strict=True):
                     scores[i] = s
                 if bar is not None:

@@ -2,11 +2,13 @@
 
 attention.py     varlen attention registered with transformers ("prorank_varlen"), backends detected once
 shared_prefix.py SharedPrefix: keys/values computed once, attended to by later packed passes
+invariant.py     batch_invariant_linears: a model's linears on fixed row tiles (bitwise batch invariance)
 model.py         load_model / load_tokenizer / build_tiny_model / enable_autocast; backbone() and lm_head_weight()
 sources.py       where weights come from: hub id, folder, GGUF file or pkg:<package>/<file.gguf>
 """
 
 from .attention import ATTN_IMPLEMENTATION, resolve_backend, set_varlen_backend
+from .invariant import batch_invariant_linears
 from .model import (
     TINY_DEFAULTS,
     apply_liger_kernels,
@@ -27,6 +29,7 @@ __all__ = [
     "SharedPrefix",
     "apply_liger_kernels",
     "backbone",
+    "batch_invariant_linears",
     "build_tiny_model",
     "enable_autocast",
     "liger_available",

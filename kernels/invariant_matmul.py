@@ -1,0 +1,176 @@
+"""Batch-invariant linear: a row's result never depends on the other rows of the call.
+
+A GEMM library picks its kernel, blocking and split of the reduction from the shape, so the
+same row of x multiplied by the same weight can round differently when x has 2, 7 or 3000
+rows (measured on CPU: MKL/oneDNN fp32 gives one set of bits for M = 1, another for M = 2-3,
+another from M = 7 on). A reranker that packs a variable number of tokens per call then gives
+a pair a score that depends on its neighbours. Here every row's arithmetic is fixed by
+construction:
+
+* CPU: the rows go through the library in tiles of exactly ``TILE_ROWS`` rows (the last tile
+  zero-padded), so every GEMM call has the same shape and hence the same kernel; a row's
+  output is a function of its own inputs and of that shape only.
+* CUDA: a Triton matmul with fixed block sizes, one program per output tile, the reduction
+  over K in one fixed order, no split-K: a row's output does not depend on M at all.
+
+The backward (``x.requires_grad``) is an ordinary matmul: invariance is a property of the
+scores and of the sampler's log-probs, not of gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._utils import triton_available
+
+__all__ = ["TILE_ROWS", "batch_invariant_linear"]
+
+# Rows per GEMM call on CPU. 128 keeps the zero-padding of a short call small; per-call
+# overhead and cache use are measured in benchmarks/rerank.py (invariant vs not).
+TILE_ROWS = 128
+# CUDA launch constants (fixed: a change of blocks would change the rounding of every row).
+_BLOCK_M = 64
+_BLOCK_N = 128
+_BLOCK_K = 32
+_GROUP_M = 8
+_NUM_WARPS = 4
+_NUM_STAGES = 3
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _invariant_matmul_kernel(
+        x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        """out[M, N] = x[M, K] @ w[N, K].T (+ bias), fp32 accumulation, K in one fixed order."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        # grouped order for L2 reuse; it changes which program computes a tile, not how
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % rows_in_group
+        pid_n = (pid % group) // rows_in_group
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            a = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                mask=(offs_m[:, None] < M) & (ks[None, :] < K),
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + offs_n[None, :] * stride_wn + ks[:, None] * stride_wk,
+                mask=(offs_n[None, :] < N) & (ks[:, None] < K),
+                other=0.0,
+            )
+            if IEEE:  # fp32 inputs: no TF32 rounding
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+        )
+
+
+def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    grid = (triton.cdiv(m, _BLOCK_M) * triton.cdiv(n, _BLOCK_N),)
+    _invariant_matmul_kernel[grid](
+        x, weight, bias if bias is not None else weight, out, m, n, k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, GROUP_M=_GROUP_M,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+    )  # fmt: skip
+    return out
+
+
+def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
+    m, k = x.shape
+    full = m - m % tile
+    out = torch.empty((m, weight.shape[0]), device=x.device, dtype=torch.result_type(x, weight))
+    w_t = weight.t()
+    for start in range(0, full, tile):
+        torch.matmul(x[start : start + tile], w_t, out=out[start : start + tile])
+    if full < m:
+        last = x.new_zeros((tile, k))
+        last[: m - full] = x[full:]
+        out[full:] = (last @ w_t)[: m - full]
+    if bias is not None:
+        out += bias  # elementwise: no reduction, nothing to vary
+    return out
+
+
+class _InvariantLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tile, use_triton):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _triton_linear(x, weight, bias) if use_triton else _tiled_linear(x, weight, bias, tile)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx = grad @ weight if ctx.needs_input_grad[0] else None
+        gw = grad.t() @ x if ctx.needs_input_grad[1] else None
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+def batch_invariant_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    tile_rows: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose every output row is bitwise independent of the other rows.
+
+    Args:
+        x: [..., K] (flattened to rows). weight: [N, K]. bias: [N] or None.
+        tile_rows: rows per library GEMM (default ``TILE_ROWS``); a fixed tile is what makes
+            rows invariant, so compare only results computed with the same tile.
+        impl: "auto" (the Triton kernel on CUDA, library tiles elsewhere), "tiles" (library
+            GEMMs on fixed tiles on any device), "triton".
+
+    On CUDA this needs Triton (a ValueError says so otherwise); on CPU it uses the GEMM library
+    on fixed tiles (the Triton kernel runs there only in the tests, under the interpreter).
+    """
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"batch_invariant_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree")
+    tile = TILE_ROWS if tile_rows is None else int(tile_rows)
+    if tile < 1:
+        raise ValueError(f"tile_rows must be >= 1, got {tile_rows}")
+    if impl not in ("auto", "tiles", "triton"):
+        raise ValueError(f"impl must be one of ('auto', 'tiles', 'triton'), got {impl!r}")
+    use_triton = impl == "triton" or (impl == "auto" and x.is_cuda)
+    if use_triton and not triton_available():
+        raise ValueError("batch_invariant=True on CUDA needs triton (pip install triton)")
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    if weight.dtype != rows.dtype:
+        weight = weight.to(rows.dtype)
+    if bias is not None and bias.dtype != rows.dtype:
+        bias = bias.to(rows.dtype)
+    out = _InvariantLinear.apply(rows, weight, bias, tile, use_triton)
+    return out.reshape(*x.shape[:-1], weight.shape[0])

