@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _utils, reference
-from .lm_head import ROW_OPS, LMHeadChunks, validate_linear_tokens
+from .lm_head import ROW_OPS, LMHeadChunks, row_stats_op, validate_linear_tokens
 from .logprobs import fused_linear_logprobs
 
 if _utils.triton_available():
@@ -166,6 +166,7 @@ class _Options:
     chunk_bytes: int | None
     schedule: str
     checks: str  # "full" | "device": whether host syncs are allowed
+    batch_invariant: bool
 
 
 def _world():
@@ -197,11 +198,11 @@ class _FusedLinearGRPO(torch.autograd.Function):
         chunks = LMHeadChunks(
             hidden, weight, bias, need_hidden_grad=need[0], need_weight_grad=need[1],
             need_bias_grad=bias is not None and need[2], chunk_rows=opts.chunk_rows,
-            chunk_bytes=opts.chunk_bytes, schedule=opts.schedule,
+            chunk_bytes=opts.chunk_bytes, schedule=opts.schedule, batch_invariant=opts.batch_invariant,
         )  # fmt: skip
         c = _token_weights(seq_ids, num_seq, opts, hidden.device)
         inv_t = 1.0 / opts.temperature
-        stats, grad_logits = ROW_OPS[opts.impl]
+        stats, grad_logits = row_stats_op(opts.impl, opts.batch_invariant), ROW_OPS[opts.impl][1]
         f32 = dict(device=hidden.device, dtype=torch.float32)
         out = {k: torch.zeros(n, **f32) for k in ("logp", "entropy", "loss", "kl", "low", "high")}
         adv = advantages.float().contiguous()
@@ -250,10 +251,13 @@ class _FusedLinearGRPO(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.checks, ctx.scaled = opts.checks, False
         denom = max(n, 1)
+        # how far from on-policy the batch is: 0.0 when old log-probs are the policy's own, bit for bit
+        log_ratio_max = (out["logp"] - old).abs().max() if old is not None and n else torch.zeros((), **f32)
         metrics = [
             out["kl"].sum() / denom if opts.beta != 0.0 else torch.zeros((), **f32),
             out["entropy"].sum() / denom,
             *(flags[k].sum() / max(flags[k].numel(), 1) for k in ("low", "high", "region")),
+            log_ratio_max,
             region_tokens,
         ]
         ctx.mark_non_differentiable(*metrics)
@@ -275,7 +279,7 @@ class _FusedLinearGRPO(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-METRIC_NAMES = ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region")
+METRIC_NAMES = ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "log_ratio_max")
 
 
 def _check_number(name, value, *, positive=False, allow_none=False):
@@ -302,6 +306,7 @@ def _grpo_call(
     hidden, weight, token_ids, advantages, seq_ids, old_logprobs, ref_logprobs, *,
     bias, beta, epsilon_low, epsilon_high, delta, temperature, loss_type, importance_sampling_level,
     max_completion_length, num_items_in_batch, impl, chunk_rows, chunk_bytes=None, schedule=None, checks=None,
+    batch_invariant=False,
 ):  # fmt: skip
     """Validate, then run; returns (loss, the five metrics, Liger's token-weighted clip ratio)."""
     mode = _utils.checks_mode(hidden.device, checks)
@@ -350,7 +355,7 @@ def _grpo_call(
         delta=None if delta is None else float(delta), temperature=float(temperature), loss_type=loss_type,
         importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
         num_items_in_batch=items, impl=impl, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes,
-        schedule=_utils.resolve_schedule(schedule), checks=mode,
+        schedule=_utils.resolve_schedule(schedule), checks=mode, batch_invariant=bool(batch_invariant),
     )  # fmt: skip
     ref = ref_logprobs.detach().float().contiguous() if ref_logprobs is not None else None
     old = old_logprobs.detach().float().contiguous() if old_logprobs is not None else None
@@ -388,6 +393,7 @@ def fused_linear_grpo_loss(
     chunk_bytes: int | None = None,
     schedule: str | None = None,
     checks: str | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss of packed completions straight from the LM head (TRL's formulas).
 
@@ -414,11 +420,15 @@ def fused_linear_grpo_loss(
         checks: "full" (value checks with exact messages; host syncs) | "device" (no host
             sync: device-side asserts; a second backward through one call is refused).
             Default ``PRORANK_CHECKS``, else device on CUDA, full elsewhere.
+        batch_invariant: each token's log-prob is bitwise independent of the other rows, so
+            that log-probs recorded at sampling time (``fused_linear_logprobs(...,
+            batch_invariant=True)`` on the same states) equal the ones computed here.
 
     Returns:
         (loss, metrics): loss is an fp32 scalar differentiable w.r.t. hidden, weight, bias;
         metrics holds detached scalars kl, entropy, clip_ratio_low, clip_ratio_high,
-        clip_ratio_region, as TRL logs them.
+        clip_ratio_region, as TRL logs them, and log_ratio_max = max |logp - old_logprobs|
+        (0 without old log-probs): exactly 0 when the old log-probs are the policy's own.
     """
     loss, *metrics, _ = _grpo_call(
         hidden, weight, token_ids, advantages, seq_ids, old_logprobs, ref_logprobs,
@@ -426,6 +436,7 @@ def fused_linear_grpo_loss(
         temperature=temperature, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
         max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
         impl=impl, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, schedule=schedule, checks=checks,
+        batch_invariant=batch_invariant,
     )  # fmt: skip
     return loss, dict(zip(METRIC_NAMES, metrics, strict=True))
 
@@ -552,7 +563,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             else:
                 raise ValueError("use_ref_model=True needs ref_per_token_logps or ref_input")
         old = old_per_token_logps[mask] if old_per_token_logps is not None else None
-        loss, kl, _entropy, _low, _high, _region, region_tokens = _grpo_call(
+        loss, kl, _entropy, _low, _high, _region, _log_ratio_max, region_tokens = _grpo_call(
             hidden, lin_weight, tokens, advantages, seq_ids, old, ref,
             bias=bias, beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
             delta=self.delta, temperature=self.temperature, loss_type=self.loss_type,

@@ -19,6 +19,7 @@ import torch
 
 from . import _utils
 from ._utils import triton_available
+from .invariant_matmul import batch_invariant_linear
 
 if triton_available():
     import triton
@@ -197,6 +198,24 @@ ROW_OPS = {
 }
 
 
+def row_stats_op(impl: str, batch_invariant: bool = False):
+    """The row-stats op of ``impl``; with ``batch_invariant``, one whose result for a row never
+    depends on the other rows of the chunk. The Triton kernel is (one program per row, one
+    block size); the PyTorch one then runs row by row: a [rows, V] log-sum-exp splits its
+    element-wise work across threads at offsets that depend on the row count."""
+    stats = ROW_OPS[impl][0]
+    if impl != "torch" or not batch_invariant:
+        return stats
+
+    def per_row(raw, bias, tok, inv_t):
+        parts = [stats(raw[r : r + 1], bias, tok[r : r + 1], inv_t) for r in range(raw.shape[0])]
+        if not parts:
+            return stats(raw, bias, tok, inv_t)
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+    return per_row
+
+
 # ---------------------------------------------------------------------------------------
 # Chunk driver: the GEMMs around the row kernels, shared with grpo.py.
 # ---------------------------------------------------------------------------------------
@@ -211,6 +230,10 @@ class LMHeadChunks:
     weight gradient accumulates in place in the weight's dtype (one rounding per chunk),
     as Liger's fused linear cross-entropy does, so no fp32 [V, H] copy is needed.
 
+    ``batch_invariant``: each chunk's logits GEMM runs on ``batch_invariant_linear``, so a row's
+    logits (and, with ``row_stats_op(impl, True)``, its log-prob) do not depend on the other
+    rows: the sampler's log-probs then equal the policy pass's bit for bit.
+
     Schedules: ``serial`` reuses one buffer, each chunk's logits GEMM after the previous
     chunk's row kernel and gradient GEMMs. ``overlap`` alternates two buffers and runs the
     logits GEMM of chunk i+1 on a side stream while the current stream runs chunk i's row
@@ -222,13 +245,14 @@ class LMHeadChunks:
 
     def __init__(
         self, hidden, weight, bias, *, need_hidden_grad, need_weight_grad, need_bias_grad,
-        chunk_rows=None, chunk_bytes=None, schedule="serial",
+        chunk_rows=None, chunk_bytes=None, schedule="serial", batch_invariant=False,
     ):  # fmt: skip
         dtype = hidden.dtype if hidden.dtype == weight.dtype else torch.promote_types(hidden.dtype, weight.dtype)
         self.hidden = hidden.contiguous() if hidden.dtype == dtype else hidden.to(dtype).contiguous()
         self.weight = weight.contiguous() if weight.dtype == dtype else weight.to(dtype).contiguous()
         self.bias = bias
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
+        self.batch_invariant = batch_invariant
         self.schedule = _utils.resolve_schedule(schedule)
         n_buffers = 2 if self.schedule == "overlap" else 1
         self.rows, self.transient_bytes = _utils.chunk_plan(
@@ -247,7 +271,10 @@ class LMHeadChunks:
 
     def _logits(self, index: int, start: int, end: int) -> torch.Tensor:
         raw = self.buffers[index % len(self.buffers)][: end - start]
-        torch.matmul(self.hidden[start:end], self.weight.t(), out=raw)
+        if self.batch_invariant:  # a row's logits independent of the chunk's other rows
+            raw.copy_(batch_invariant_linear(self.hidden[start:end], self.weight))
+        else:
+            torch.matmul(self.hidden[start:end], self.weight.t(), out=raw)
         return raw
 
     def __iter__(self):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _utils
-from .lm_head import ROW_OPS, LMHeadChunks, validate_linear_tokens
+from .lm_head import ROW_OPS, LMHeadChunks, row_stats_op, validate_linear_tokens
 
 # ---------------------------------------------------------------------------------------
 # Autograd Function and functional API
@@ -21,7 +21,7 @@ from .lm_head import ROW_OPS, LMHeadChunks, validate_linear_tokens
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, token_ids, temperature, impl, plan):
-        stats, _ = ROW_OPS[impl]
+        stats = row_stats_op(impl, plan["batch_invariant"])
         inv_t = 1.0 / temperature
         chunks = LMHeadChunks(
             hidden, weight, bias, need_hidden_grad=False, need_weight_grad=False, need_bias_grad=False, **plan
@@ -70,6 +70,7 @@ def fused_linear_logprobs(
     chunk_bytes: int | None = None,
     schedule: str | None = None,
     checks: str | None = None,
+    batch_invariant: bool = False,
 ):
     """Log-probability of ``token_ids`` under the LM head, without materializing [N, V].
 
@@ -87,6 +88,8 @@ def fused_linear_logprobs(
             chunk's row kernel and gradient GEMMs run; same results). ``PRORANK_SCHEDULE``.
         checks: "full" (value checks with exact messages; host syncs) | "device" (no host
             sync: device-side asserts). Default ``PRORANK_CHECKS``, else device on CUDA.
+        batch_invariant: a row's log-prob is bitwise independent of the other rows (stage 1's
+            sampler and policy pass then agree exactly; see ``batch_invariant_linear``).
 
     Returns:
         logp [N] fp32, or (logp, entropy) with return_entropy; differentiable w.r.t.
@@ -95,7 +98,10 @@ def fused_linear_logprobs(
     mode = _utils.checks_mode(hidden.device, checks)
     validate_linear_tokens(hidden, weight, token_ids, bias, temperature, mode)
     impl = _utils.resolve_impl(impl, hidden, weight)
-    plan = dict(chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, schedule=_utils.resolve_schedule(schedule))
+    plan = dict(
+        chunk_rows=chunk_rows, chunk_bytes=chunk_bytes, schedule=_utils.resolve_schedule(schedule),
+        batch_invariant=bool(batch_invariant),
+    )  # fmt: skip
     bias = bias.contiguous() if bias is not None else None  # the row kernels index it densely
     logp, ent = _FusedLinearLogprobs.apply(hidden, weight, bias, token_ids.contiguous(), float(temperature), impl, plan)
     return (logp, ent) if return_entropy else logp

@@ -137,6 +137,11 @@ class Stage1Config:
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     num_iterations: int = 1  # optimizer steps per batch of rollouts (old log-probs when > 1)
+    # Truly on-policy: sampler and policy pass run the model batch-invariantly, so the log-probs
+    # recorded while sampling equal the policy pass's bit for bit (logged: rollout_logp_max_diff)
+    # and serve as the old log-probs (importance ratio exactly 1; no extra pass when
+    # num_iterations > 1). Off: the same, with ratios off 1 by rounding.
+    batch_invariant: bool = True
     checkpoint_every: int = 50
     # also train stage 2 alone from the same start (output_dir/stage2_alone) and report its nDCG@10
     compare_stage2_alone: bool = False

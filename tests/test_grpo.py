@@ -18,7 +18,7 @@ from prorank_fast.kernels import fused_linear_grpo_loss, reference
 IMPLS = ("torch", "triton")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence")
-METRIC_KEYS = {"kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"}
+METRIC_KEYS = {"kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "log_ratio_max"}
 # Settings that move every branch: temperature != 1, asymmetric clip, delta above 1 + epsilon_high.
 COMMON = dict(temperature=0.7, epsilon_low=0.2, epsilon_high=0.28, delta=1.5)
 
@@ -101,6 +101,9 @@ def run_gold(inp: Inputs, **kw):
     loss, metrics = reference.grpo_loss_reference(
         h, w, inp.token_ids, inp.advantages, inp.seq_ids, inp.old, inp.ref, bias=b, **kw
     )
+    # log_ratio_max (ours only): how far the old log-probs are from the policy's own
+    logp, _ = reference.linear_logprobs_reference(h, w, inp.token_ids, b, kw.get("temperature", 1.0))
+    metrics = {**metrics, "log_ratio_max": (logp - inp.old).abs().max() if inp.old is not None else torch.zeros(())}
     params = [h, w] + ([b] if b is not None else [])
     grads = list(torch.autograd.grad(loss, params))
     if b is None:

@@ -87,7 +87,7 @@ def test_grpo_loss_makes_no_host_sync(sync_guard, impl, level, loss_type):
     (loss * 0.5).backward()  # a non-unit upstream gradient: the scaling must not sync either
     assert sync_guard == []
     assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
-    assert set(metrics) == {"kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"}
+    assert set(metrics) == {"kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "log_ratio_max"}
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -160,6 +160,8 @@ def test_default_chains_stage1_into_stage2(tmp_path):
     assert len(rows) == 50 and STAGE1_METRICS <= rows[0].keys()
     assert rows[-1]["valid_format_rate"] > rows[0]["valid_format_rate"]
     assert rows[0]["zero_variance_groups"] > 0  # nothing in format yet: every group's rewards are equal
+    # truly on-policy (stage1.batch_invariant): the sampler's log-probs are the policy pass's, bit for bit
+    assert all(r["rollout_logp_max_diff"] == 0.0 for r in rows), [r["rollout_logp_max_diff"] for r in rows]
     assert (out / "stage1" / "curves.png").stat().st_size > 0
     assert (out / "stage1" / "final" / "model.safetensors").exists()
     assert (out / "stage2_alone" / "final" / "model.safetensors").exists()

@@ -131,9 +131,11 @@ class Rollouts:
     reward_parts: dict[str, torch.Tensor]
     zero_variance: torch.Tensor  # [P] bool
     group_size: int
-    old_logprobs: list[torch.Tensor] | None = None  # per kept group, [tokens] (num_iterations > 1)
+    old_logprobs: list[torch.Tensor] | None = None  # per micro-batch of kept groups, [tokens]
     ref_logprobs: list[torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)
+    # per completion [its tokens]: log-probs recorded while sampling, as the policy computes them
+    sample_logprobs: list[torch.Tensor] | None = None
 
     def kept_groups(self) -> list[int]:
         """Groups with reward variance: the others have zero advantage and contribute nothing."""
@@ -147,10 +149,11 @@ class Rollouts:
     def from_state(cls, state: dict) -> Rollouts:
         """The inverse of to_state; ValueError if the fields are not a Rollouts'."""
         names = {f.name for f in fields(cls)}
+        state = {"sample_logprobs": None, **state}  # checkpoints written before it was recorded
         if set(state) != names:
             raise ValueError(f"fields {sorted(state)}, expected {sorted(names)}")
         tensors = [state[k] for k in ("advantages", "rewards", "zero_variance")] + list(state["reward_parts"].values())
-        tensors += [t for k in ("old_logprobs", "ref_logprobs") for t in state[k] or ()]
+        tensors += [t for k in ("old_logprobs", "ref_logprobs", "sample_logprobs") for t in state[k] or ()]
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise ValueError("a tensor field holds something else")
         return cls(**state)
@@ -176,7 +179,17 @@ class Rollouts:
             zero_variance=torch.cat([p.zero_variance for p in parts]),
             group_size=first.group_size,
             extra={"answer_stats": stats, "draws": len(parts)},
+            sample_logprobs=None
+            if any(p.sample_logprobs is None for p in parts)
+            else [x for p in parts for x in p.sample_logprobs],
         )
+
+    def sampled_logprobs(self, groups: list[int]) -> torch.Tensor | None:
+        """[tokens] the sampler's log-probs of `groups`' completion tokens, in group_batch's order."""
+        if self.sample_logprobs is None:
+            return None
+        g = self.group_size
+        return torch.cat([self.sample_logprobs[s] for p in groups for s in range(p * g, (p + 1) * g)])
 
     def group_batch(self, groups: list[int]) -> GroupBatch:
         g = self.group_size

@@ -15,7 +15,7 @@ import torch
 
 from prorank_fast.kernels import fused_linear_grpo_loss, fused_linear_logprobs
 
-from ..modeling import backbone, lm_head_weight
+from ..modeling import backbone, batch_invariant_linears, lm_head_weight
 from ..modeling.shared_prefix import SharedPrefix
 from .batches import GroupBatch, prompt_ranges
 
@@ -38,6 +38,9 @@ class GRPOOptions:
     output_ids: tuple[int, ...] = ()
     answer_entropy_floor: float = 0.0
     answer_entropy_coef: float = 1.0
+    # the decoder's linears and the LM head batch-invariant (modeling.invariant): the policy pass
+    # then computes the sampler's log-probs exactly
+    batch_invariant: bool = False
 
 
 class PolicyForGRPO(torch.nn.Module):
@@ -47,7 +50,9 @@ class PolicyForGRPO(torch.nn.Module):
     forward(batch, head=...):
       "grpo"     -> (loss, metrics): fused_linear_grpo_loss over the batch's completion tokens
       "logprobs" -> [N] log-probs of the completion tokens (old / reference passes)
-      "sample"   -> [rows, V] logits at `rows` of a pass described by `prefix` (sampling)
+      "sample"   -> [rows, V] logits at `rows` of a pass described by `prefix` (sampling); with
+                    `draw` (logits -> [rows, n] token ids), (tokens, their log-probs [rows, n]),
+                    computed as the "grpo"/"logprobs" heads compute them
     """
 
     def __init__(self, lm: torch.nn.Module):
@@ -83,25 +88,38 @@ class PolicyForGRPO(torch.nn.Module):
 
     def forward(self, batch=None, *, head: str = "grpo", options: GRPOOptions | None = None,
                 num_items_in_batch=None, input_ids=None, positions=None, prefix=None, rows=None,
-                penalty_scale: float = 1.0):  # fmt: skip
+                penalty_scale: float = 1.0, draw=None):  # fmt: skip
         weight = lm_head_weight(self.lm)
+        o = options or GRPOOptions()
         if head == "sample":
-            states = self._decoder(input_ids, positions, prefix).index_select(0, rows)
-            return (states @ weight.t()).float()  # in the head's dtype: no fp32 copy of [V, H] per call
-        states = self._states(batch)
+            with batch_invariant_linears(self.lm, o.batch_invariant):
+                states = self._decoder(input_ids, positions, prefix).index_select(0, rows)
+            logits = (states @ weight.t()).float()  # in the head's dtype: no fp32 copy of [V, H] per call
+            if draw is None:
+                return logits
+            tokens = draw(logits)  # [rows, n]
+            n = tokens.shape[1]
+            logp = fused_linear_logprobs(
+                states.repeat_interleave(n, dim=0), weight, tokens.reshape(-1), temperature=o.temperature,
+                batch_invariant=o.batch_invariant,
+            )  # fmt: skip
+            return tokens, logp.view(-1, n)
+        with batch_invariant_linears(self.lm, o.batch_invariant):
+            states = self._states(batch)
         hidden = states.index_select(0, batch.pred_index)
         if head == "logprobs":
-            t = options.temperature if options is not None else 1.0
-            return fused_linear_logprobs(hidden, weight, batch.token_ids, temperature=t)
+            return fused_linear_logprobs(
+                hidden, weight, batch.token_ids, temperature=o.temperature, batch_invariant=o.batch_invariant
+            )
         if head != "grpo":
             raise ValueError(f"head must be grpo | logprobs | sample, got {head!r}")
-        o = options or GRPOOptions()
         loss, metrics = fused_linear_grpo_loss(
             hidden, weight, batch.token_ids, batch.advantages, batch.seq_ids,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs if o.beta else None,
             beta=o.beta, epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, delta=o.delta,
             temperature=o.temperature, loss_type=o.loss_type, importance_sampling_level=o.importance_sampling_level,
             max_completion_length=o.max_completion_length, num_items_in_batch=num_items_in_batch,
+            batch_invariant=o.batch_invariant,
         )  # fmt: skip
         if o.output_ids:  # the answer distribution's entropy: logged, and floored when asked
             z = states[: batch.num_prompts].float() @ weight[list(o.output_ids)].float().t() / o.temperature

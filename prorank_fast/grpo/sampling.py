@@ -12,7 +12,7 @@ import torch
 from ..modeling.shared_prefix import SharedPrefix
 from ..packing import budget_batches
 from .batches import Rollouts, prompt_ranges
-from .policy import PolicyForGRPO
+from .policy import GRPOOptions, PolicyForGRPO
 from .prompts import Stage1Prompt
 from .rewards import RewardContext, answer_stats, compute_rewards, group_advantages
 
@@ -48,13 +48,21 @@ def sample_group_completions(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     device=None,
-) -> list[list[int]]:
-    """G completions per prompt (group-major: prompt 0's G, then prompt 1's, ...).
+    options: GRPOOptions | None = None,
+    with_logprobs: bool = False,
+):
+    """G completions per prompt (group-major: prompt 0's G, then prompt 1's, ...); with
+    `with_logprobs`, (completions, their tokens' log-probs: one fp32 CPU tensor per completion).
 
     All prompts are prefilled together in one packed row; each decode step is one packed row
     of one token per unfinished completion, attending to its prompt's keys/values and its own
     earlier tokens. A completion ends after a stop token or at max_new_tokens. `policy` is
-    called as policy(head="sample", ...) so FSDP gathers the head.
+    called as policy(head="sample", ...) so FSDP gathers the head. The log-probs are computed
+    as the policy pass computes them (`options`: temperature, batch_invariant): with
+    batch_invariant they are the policy pass's own, bit for bit, for completions of up to two
+    tokens (the answer and the end token: each is predicted by one query over the same keys in
+    both); from three tokens on, the policy's completion row holds several queries per
+    completion where a decode step held one, and the later tokens agree to rounding.
     """
     device = torch.device(device) if device is not None else next(policy.parameters()).device
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.int64)
@@ -65,9 +73,14 @@ def sample_group_completions(
     ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     last = torch.tensor(lengths, device=device).cumsum(0) - 1
-    logits = policy(head="sample", input_ids=ids, positions=positions, prefix=prefix, rows=last)
-    tokens = _draw(logits, group_size, temperature, top_p, generator).cpu().reshape(-1)  # [P*G]
+    sample = dict(options=options, draw=lambda n: lambda z: _draw(z, n, temperature, top_p, generator))
+    tokens, logp = policy(
+        head="sample", input_ids=ids, positions=positions, prefix=prefix, rows=last,
+        options=sample["options"], draw=sample["draw"](group_size),
+    )  # fmt: skip
+    tokens, logp = tokens.cpu().reshape(-1), logp.float().cpu().reshape(-1)  # [P*G], group-major
     completions = [[int(t)] for t in tokens]
+    logprobs = [[lp] for lp in logp]
     finished = torch.isin(tokens, stop)
     ranges = prompt_ranges(lengths)
     owner = [s // group_size for s in range(n_prompts * group_size)]
@@ -87,13 +100,19 @@ def sample_group_completions(
         step_ids = torch.tensor([completions[s][-1] for s in live], dtype=torch.int64, device=device)
         step_pos = torch.tensor([lengths[owner[s]] + step - 1 for s in live], dtype=torch.int64, device=device)
         rows = torch.arange(len(live), device=device)
-        logits = policy(head="sample", input_ids=step_ids, positions=step_pos, prefix=prefix, rows=rows)
-        new = _draw(logits, 1, temperature, top_p, generator).cpu().reshape(-1)
+        new, logp = policy(
+            head="sample", input_ids=step_ids, positions=step_pos, prefix=prefix, rows=rows,
+            options=sample["options"], draw=sample["draw"](1),
+        )  # fmt: skip
+        new, logp = new.cpu().reshape(-1), logp.float().cpu().reshape(-1)
         stopped = torch.isin(new, stop).tolist()
-        for s, token, is_stop in zip(live, new.tolist(), stopped, strict=True):
+        for i, (s, token, is_stop) in enumerate(zip(live, new.tolist(), stopped, strict=True)):
             completions[s].append(token)
+            logprobs[s].append(logp[i])
             if is_stop:
                 finished[s] = True
+    if with_logprobs:
+        return completions, [torch.stack(lp) for lp in logprobs]
     return completions
 
 
@@ -117,16 +136,22 @@ def answer_accuracy(policy, prompts: list[Stage1Prompt], ctx: RewardContext, *, 
 
 
 def generate_rollouts(policy, prompts: list[Stage1Prompt], g, ctx: RewardContext, *, generator, max_tokens: int,
-                      device, d, max_new_tokens: int | None = None) -> Rollouts:  # fmt: skip
+                      device, d, max_new_tokens: int | None = None,
+                      options: GRPOOptions | None = None) -> Rollouts:  # fmt: skip
     """Sample G completions per prompt (of at most max_new_tokens, default g.max_new_tokens),
-    reward them and compute group advantages."""
+    reward them and compute group advantages; the tokens' log-probs as the policy computes them
+    under `options` go along (Rollouts.sample_logprobs)."""
     ids = [p.ids for p in prompts]
     completions: list[list[int]] = []
+    logprobs: list[torch.Tensor] = []
     for chunk in budget_batches([len(x) for x in ids], max_tokens):  # prefill rows within the micro-batch budget
-        completions += sample_group_completions(
+        comps, lps = sample_group_completions(
             policy, [ids[i] for i in chunk], group_size=g.group_size, max_new_tokens=max_new_tokens or g.max_new_tokens,
             stop_ids=ctx.stop_ids, temperature=g.temperature, top_p=g.top_p, generator=generator, device=device,
+            options=options, with_logprobs=True,
         )  # fmt: skip
+        completions += comps
+        logprobs += lps
     labels = [p.label for p in prompts]
     per_completion = [label for label in labels for _ in range(g.group_size)]
     rewards, parts = compute_rewards(g.rewards, g.reward_weights, completions, per_completion, ctx)
@@ -136,5 +161,6 @@ def generate_rollouts(policy, prompts: list[Stage1Prompt], g, ctx: RewardContext
         batch_std = math.sqrt(max(0.0, (s2 - s * s / n) / max(n - 1, 1)))
     advantages, zero_var = group_advantages(rewards, g.group_size, g.scale_rewards, batch_std)
     rollouts = Rollouts(ids, labels, completions, advantages.float(), rewards, parts, zero_var, g.group_size)
+    rollouts.sample_logprobs = logprobs
     rollouts.extra["answer_stats"] = answer_stats(completions, per_completion, ctx)  # logged whatever the rewards
     return rollouts

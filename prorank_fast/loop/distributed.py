@@ -41,6 +41,13 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_max(self, values: list[float]) -> list[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
 
 def setup_distributed(device_pref: str) -> Dist:
     """Init the process group when launched by torchrun (WORLD_SIZE set)."""

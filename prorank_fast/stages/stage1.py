@@ -81,6 +81,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
         importance_sampling_level=g.importance_sampling_level,
         max_completion_length=max(g.max_new_tokens, g.bootstrap_new_tokens), output_ids=tuple(prep.output_ids),
         answer_entropy_floor=g.answer_entropy_floor, answer_entropy_coef=g.answer_entropy_coef,
+        batch_invariant=g.batch_invariant,
     )  # fmt: skip
     reference = None
     if g.beta > 0:  # a frozen copy of the starting weights, sharded like the policy
@@ -115,7 +116,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
         return generate_rollouts(
             policy, [prompts[i] for i in chosen], g, ctx,
             generator=_generator(tcfg.seed + round_, index, d.rank, d.device), max_tokens=tcfg.max_tokens,
-            device=d.device, d=d, max_new_tokens=max_new_tokens(state),
+            device=d.device, d=d, max_new_tokens=max_new_tokens(state), options=options,
         )  # fmt: skip
 
     def rollouts_for(step: int, state: dict) -> Rollouts:
@@ -131,12 +132,12 @@ def run_stage1(cfg, prep, d, out) -> dict:
                 break
             draws.append(draw(index, round_, state))
         rollouts = Rollouts.concat(draws)
-        if g.num_iterations > 1:  # the behaviour policy's log-probs, before this batch's updates
-            groups = rollouts.kept_groups() or [0]
-            rollouts.old_logprobs = [
-                policy(rollouts.group_batch(mb).to(d.device), head="logprobs", options=options).detach()
-                for mb in micro_batches(rollouts, groups, tcfg.max_tokens)
-            ]
+        # The behaviour policy's log-probs are the sampler's (no extra pass): the importance ratio is
+        # exactly 1 at the first iteration when sampling and policy pass are batch-invariant.
+        if rollouts.sample_logprobs is not None:
+            mbs = micro_batches(rollouts, rollouts.kept_groups() or [0], tcfg.max_tokens)
+            rollouts.old_logprobs = [rollouts.sampled_logprobs(mb) for mb in mbs]
+        if g.num_iterations > 1:
             state["rollouts"] = (index, rollouts)  # reused by the next iterations, and saved with checkpoints
         return rollouts
 
@@ -151,13 +152,14 @@ def run_stage1(cfg, prep, d, out) -> dict:
         tokens_total, seqs_total, kept_total = d.all_sum([local_tokens, local_seqs, len(kept)])
         sums = dict.fromkeys(METRIC_KEYS, 0.0)
         loss_sum = 0.0
+        logp_max_diff = 0.0  # the largest |sampler log-prob - policy log-prob| of the step
         if kept_total > 0:
             for i, batch in enumerate(mb_batches):
                 if d.distributed and hasattr(policy, "set_requires_gradient_sync"):
                     policy.set_requires_gradient_sync(i == len(mbs) - 1)
                 batch = batch.to(d.device)
                 if rollouts.old_logprobs is not None:
-                    batch.old_logprobs = rollouts.old_logprobs[i]
+                    batch.old_logprobs = rollouts.old_logprobs[i].to(d.device)
                 if reference is not None:
                     with torch.no_grad():
                         batch.ref_logprobs = reference(batch, head="logprobs", options=options)
@@ -177,6 +179,8 @@ def run_stage1(cfg, prep, d, out) -> dict:
                 weight = batch.num_completion_tokens if kept else 0
                 for key in METRIC_KEYS:
                     sums[key] += float(metrics.get(key, 0.0)) * weight
+                if kept and step % g.num_iterations == 0:  # before this batch's updates: on-policy
+                    logp_max_diff = max(logp_max_diff, float(metrics["log_ratio_max"]))
         n_comp = len(rollouts.completions)
         # the step's work: every prompt prefilled once and every completion token, sampled and trained
         step_tokens = sum(len(p) for p in rollouts.prompts) + sum(len(c) for c in rollouts.completions)
@@ -196,6 +200,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
         metric_sums = dict(zip(METRIC_KEYS, total[7 + len(rollouts.reward_parts) :], strict=True))
         grades = d.all_sum([rollouts.extra["answer_stats"][k] * n_comp for k in sorted(rollouts.extra["answer_stats"])])
         kept_g, draws = d.all_sum([len(kept), rollouts.extra.get("draws", 1)])
+        (logp_max_diff,) = d.all_max([logp_max_diff])
         record = {
             "loss": loss_g / d.world,
             "tokens": int(tokens_g),
@@ -209,6 +214,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
             "draws": draws / d.world,
             "reward_std": float(rollouts.rewards.std()) if rollouts.rewards.numel() > 1 else 0.0,
             "max_new_tokens": max_new_tokens(state),
+            "rollout_logp_max_diff": logp_max_diff,
             **{k: v / comps_g for k, v in zip(sorted(rollouts.extra["answer_stats"]), grades, strict=True)},
         }
         if not state.get("format_learned", not g.bootstrap_new_tokens):
