@@ -140,8 +140,10 @@ class Stage1Config:
     # Truly on-policy: sampler and policy pass run the model batch-invariantly, so the log-probs
     # recorded while sampling equal the policy pass's bit for bit (logged: rollout_logp_max_diff)
     # and serve as the old log-probs (importance ratio exactly 1; no extra pass when
-    # num_iterations > 1). Off: the same, with ratios off 1 by rounding.
-    batch_invariant: bool = True
+    # num_iterations > 1). Off: the same, with ratios off 1 by rounding. null: on on CPU (measured
+    # cost ~1.5x on the tiny default's stage 1), off on CUDA until the GPU suite has measured the
+    # fixed-block Triton matmul against cuBLAS.
+    batch_invariant: bool | None = None
     checkpoint_every: int = 50
     # also train stage 2 alone from the same start (output_dir/stage2_alone) and report its nDCG@10
     compare_stage2_alone: bool = False

@@ -81,7 +81,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
         importance_sampling_level=g.importance_sampling_level,
         max_completion_length=max(g.max_new_tokens, g.bootstrap_new_tokens), output_ids=tuple(prep.output_ids),
         answer_entropy_floor=g.answer_entropy_floor, answer_entropy_coef=g.answer_entropy_coef,
-        batch_invariant=g.batch_invariant,
+        batch_invariant=g.batch_invariant if g.batch_invariant is not None else d.device.type == "cpu",
     )  # fmt: skip
     reference = None
     if g.beta > 0:  # a frozen copy of the starting weights, sharded like the policy
