@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _utils, reference
+from . import _utils, launch_table, reference
 from .lm_head import ROW_OPS, LMHeadChunks, row_stats_op, validate_linear_tokens
 from .logprobs import fused_linear_logprobs
 
@@ -32,7 +32,7 @@ if _utils.triton_available():
     import triton
     import triton.language as tl
 
-    from .lm_head import NUM_WARPS, block_for_vocab, online_row_stats, write_grad_logits
+    from .lm_head import block_for_vocab, online_row_stats, write_grad_logits
 else:  # pragma: no cover
     triton = None
     tl = None
@@ -126,8 +126,10 @@ def _triton_token_rows(raw, bias, tok, seq, advantages, old, ref, c, opts, write
         out["logp"], out["entropy"], out["loss"], out["kl"], out["low"], out["high"],
         V, 1.0 / opts.temperature, float(opts.beta), float(opts.epsilon_low), float(opts.epsilon_high),
         float(opts.delta) if opts.delta is not None else 0.0,
-        HAS_BIAS=bias is not None, HAS_OLD=old is not None, USE_KL=use_kl, HAS_DELTA=opts.delta is not None,
-        WRITE_GRAD=write_grad, BLOCK=block_for_vocab(V), num_warps=NUM_WARPS,
+        **launch_table.KERNELS["grpo_token_rows"].launch(
+            HAS_BIAS=bias is not None, HAS_OLD=old is not None, USE_KL=use_kl, HAS_DELTA=opts.delta is not None,
+            WRITE_GRAD=write_grad, BLOCK=block_for_vocab(V),
+        ),
     )  # fmt: skip
 
 

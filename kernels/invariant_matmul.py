@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from . import launch_table
 from ._utils import triton_available
 
 __all__ = ["TILE_ROWS", "batch_invariant_linear"]
@@ -28,13 +29,9 @@ __all__ = ["TILE_ROWS", "batch_invariant_linear"]
 # Rows per GEMM call on CPU. 128 keeps the zero-padding of a short call small; per-call
 # overhead and cache use are measured in benchmarks/rerank.py (invariant vs not).
 TILE_ROWS = 128
-# CUDA launch constants (fixed: a change of blocks would change the rounding of every row).
-_BLOCK_M = 64
-_BLOCK_N = 128
-_BLOCK_K = 32
-_GROUP_M = 8
-_NUM_WARPS = 4
-_NUM_STAGES = 3
+# The CUDA kernel's blocks, warps and stages come from launch_table (MATMUL_*): fixed, since a
+# change of blocks would change the rounding of every row.
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # tl.dot has no fp64 into fp32
 
 if triton_available():
     import triton
@@ -92,13 +89,15 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    grid = (triton.cdiv(m, _BLOCK_M) * triton.cdiv(n, _BLOCK_N),)
+    lt = launch_table
+    grid = (triton.cdiv(m, lt.MATMUL_BLOCK_M) * triton.cdiv(n, lt.MATMUL_BLOCK_N),)
     _invariant_matmul_kernel[grid](
         x, weight, bias if bias is not None else weight, out, m, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, GROUP_M=_GROUP_M,
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        **lt.KERNELS["invariant_matmul"].launch(
+            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=lt.MATMUL_BLOCK_M,
+            BLOCK_N=lt.MATMUL_BLOCK_N, BLOCK_K=lt.MATMUL_BLOCK_K, GROUP_M=lt.MATMUL_GROUP_M,
+        ),
     )  # fmt: skip
     return out
 
@@ -162,7 +161,10 @@ def batch_invariant_linear(
         raise ValueError(f"tile_rows must be >= 1, got {tile_rows}")
     if impl not in ("auto", "tiles", "triton"):
         raise ValueError(f"impl must be one of ('auto', 'tiles', 'triton'), got {impl!r}")
-    use_triton = impl == "triton" or (impl == "auto" and x.is_cuda)
+    # fp64 takes the library on fixed tiles (tl.dot has no fp64 into an fp32 accumulator)
+    use_triton = impl == "triton" or (impl == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES)
+    if use_triton and x.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"batch_invariant_linear impl='triton' takes bf16, fp16 or fp32, got {x.dtype}")
     if use_triton and not triton_available():
         raise ValueError("batch_invariant=True on CUDA needs triton (pip install triton)")
     rows = x.reshape(-1, x.shape[-1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _utils
+from . import _utils, launch_table
 from ._utils import triton_available
 from .invariant_matmul import batch_invariant_linear
 
@@ -28,10 +28,10 @@ else:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-# Columns per tile: wide tiles keep each program's loads long (the row kernels are
-# bandwidth-bound); fixed, so a new token count never triggers a recompile.
-BLOCK_V = 4096
-NUM_WARPS = 16
+# Launch constants (tile width launch_table.ROW_BLOCK, launch_table.ROW_WARPS warps): wide tiles keep
+# each program's loads long (the row kernels are bandwidth-bound); fixed, so a new token count never
+# triggers a recompile. The launch table owns them, with what else the compile check needs to build
+# every launch of these kernels (tests/test_compile.py).
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ if triton is not None:
 
 
 def block_for_vocab(V: int) -> int:
-    return min(BLOCK_V, triton.next_power_of_2(V))
+    return launch_table.row_block(V)
 
 
 def triton_row_stats(raw: torch.Tensor, bias, tok: torch.Tensor, inv_t: float):
@@ -143,7 +143,7 @@ def triton_row_stats(raw: torch.Tensor, bias, tok: torch.Tensor, inv_t: float):
     if rows:
         _row_stats_kernel[(rows,)](
             raw, raw.stride(0), bias if bias is not None else raw, tok, logp, lse, ent, V, inv_t,
-            HAS_BIAS=bias is not None, BLOCK=block_for_vocab(V), num_warps=NUM_WARPS,
+            **launch_table.KERNELS["row_stats"].launch(HAS_BIAS=bias is not None, BLOCK=block_for_vocab(V)),
         )  # fmt: skip
     return logp, lse, ent
 
@@ -155,7 +155,9 @@ def triton_grad_logits(raw, bias, tok, lse, g_logp, inv_t, g_ent=None, ent=None)
         _grad_logits_kernel[(rows,)](
             raw, raw.stride(0), bias if bias is not None else raw, tok, lse, g_logp,
             g_ent if has_ent else g_logp, ent if has_ent else lse, V, inv_t,
-            HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, BLOCK=block_for_vocab(V), num_warps=NUM_WARPS,
+            **launch_table.KERNELS["grad_logits"].launch(
+                HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent, BLOCK=block_for_vocab(V)
+            ),
         )  # fmt: skip
     return raw
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import reference
+from . import launch_table, reference
 from ._utils import (
     check_finite,
     check_linear,
@@ -35,12 +35,13 @@ from .invariant_matmul import batch_invariant_linear
 __all__ = ["RestrictedVocabScoreFunction", "restricted_vocab_score", "restricted_vocab_score_loss"]
 
 # Fixed launch configuration: B changes every step (batch composition) and H is a runtime
-# int, so neither may become a compile-time constant; only block sizes are constexpr.
-_BLOCK_B = 32  # rows of hidden per program
-_BLOCK_H = 128  # hidden columns per inner step
-_BLOCK_K = 8  # output-set tokens per inner step (K is usually 2)
-_BLOCK_P = 32  # row-block partials reduced per step in the deterministic second stage
-_NUM_WARPS = 4
+# int, so neither may become a compile-time constant; only block sizes are constexpr. The
+# launch table owns the values (the compile check builds every launch from it).
+_BLOCK_B = launch_table.SCORE_BLOCK_B  # rows of hidden per program
+_BLOCK_H = launch_table.SCORE_BLOCK_H  # hidden columns per inner step
+_BLOCK_K = launch_table.SCORE_BLOCK_K  # output-set tokens per inner step (K is usually 2)
+_BLOCK_P = launch_table.SCORE_BLOCK_P  # row-block partials reduced per step in the deterministic second stage
+# num_warps: launch_table.SCORE_WARPS, through Kernel.launch
 
 if triton_available():
     import triton
@@ -281,11 +282,9 @@ def _score_forward_triton(
         weight.stride(0),
         weight.stride(1),
         bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None,
-        BLOCK_B=_BLOCK_B,
-        BLOCK_H=_BLOCK_H,
-        BLOCK_K=_BLOCK_K,
-        num_warps=_NUM_WARPS,
+        **launch_table.KERNELS["score_fwd"].launch(
+            HAS_BIAS=bias is not None, BLOCK_B=_BLOCK_B, BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K
+        ),
     )
     return s
 
@@ -334,13 +333,9 @@ def _score_backward_triton(
             weight.stride(1),
             dh.stride(0) if dh is not None else 0,
             dh.stride(1) if dh is not None else 0,
-            NEED_DH=need_dh,
-            NEED_DW=need_dw,
-            NEED_DB=need_db,
-            BLOCK_B=_BLOCK_B,
-            BLOCK_H=_BLOCK_H,
-            BLOCK_K=_BLOCK_K,
-            num_warps=_NUM_WARPS,
+            **launch_table.KERNELS["score_bwd_rows"].launch(
+                NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_B=_BLOCK_B, BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K
+            ),
         )
     if (need_dw or need_db) and n_parts > 0:
         # At least one program so that program 0 writes the bias gradient.
@@ -357,12 +352,9 @@ def _score_backward_triton(
             dw.stride(0) if dw is not None else 0,
             dw.stride(1) if dw is not None else 0,
             db.stride(0) if db is not None else 0,
-            NEED_DW=need_dw,
-            NEED_DB=need_db,
-            BLOCK_P=_BLOCK_P,
-            BLOCK_H=_BLOCK_H,
-            BLOCK_K=_BLOCK_K,
-            num_warps=_NUM_WARPS,
+            **launch_table.KERNELS["score_bwd_reduce"].launch(
+                NEED_DW=need_dw, NEED_DB=need_db, BLOCK_P=_BLOCK_P, BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K
+            ),
         )
     return dh, dw, db
 
