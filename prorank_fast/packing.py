@@ -9,6 +9,10 @@ The packed row carries what varlen attention needs and nothing else (no attentio
 as HF, torchtitan and flash-attn do it): ``position_ids`` restarting at 0 for each
 sequence, int32 ``cu_seqlens`` and a Python-int ``max_seqlen`` computed once here, so that
 no layer has to synchronise with the device to learn them.
+
+Inference with shared prefixes (Reranker): ``shared_prefix_batches`` cuts (prompt, prefix length)
+items into budgets that count each query prefix once per batch, and ``PrefixPass`` is one pass of
+such a batch (the prefixes, or what follows them with positions continuing), as a scorer reads it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PackedBatch", "PackingStats", "budget_batches", "collate", "pack_sequences", "plan_micro_batches"]
+__all__ = [
+    "PackedBatch",
+    "PackingStats",
+    "PrefixPass",
+    "budget_batches",
+    "collate",
+    "pack_sequences",
+    "plan_micro_batches",
+    "shared_prefix_batches",
+]
 
 
 @dataclass
@@ -226,6 +239,62 @@ def budget_batches(
             current, used = [], 0
         current.append(i)
         used += sizes[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+class PrefixPass:
+    """One pass of a shared-prefix forward, read as a scorer reads a PackedBatch (``model_inputs()``,
+    ``last_index``, ``num_tokens``): ``seqs`` packed into one row, the positions of sequence j
+    starting at ``starts[j]`` (0 for a prefix, the prefix length for what follows it), and the
+    ``modeling.SharedPrefix`` store (described for this pass) that the "prorank_varlen" attention
+    reads: transformers passes the ``shared_prefix`` keyword through to it."""
+
+    def __init__(self, seqs: Sequence[Sequence[int]], starts: Sequence[int], store: Any, device) -> None:
+        lengths = [len(x) for x in seqs]
+        self.input_ids = torch.tensor([t for x in seqs for t in x], dtype=torch.int64).unsqueeze(0).to(device)
+        positions = [torch.arange(p, p + n) for p, n in zip(starts, lengths, strict=True)]
+        self.position_ids = torch.cat(positions).unsqueeze(0).to(device)
+        self.last_index = (torch.tensor(lengths, dtype=torch.int64).cumsum(0) - 1).to(device)
+        self.num_tokens = sum(lengths)
+        self.store = store
+
+    def model_inputs(self) -> dict[str, Any]:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "shared_prefix": self.store,
+                "use_cache": False}  # fmt: skip
+
+
+def shared_prefix_batches(items: Sequence[tuple[Sequence[int], int]], max_tokens: int) -> list[list[int]]:
+    """Indices into ``items`` ((token ids, prefix length) pairs) cut into batches of at most
+    ``max_tokens`` tokens, a prefix counted once per batch that holds it (inference: Reranker).
+
+    Items without a prefix (length 0): budget_batches, longest first. Items with one: grouped by
+    prefix (in order of first appearance), each group longest first, filled greedily; a group
+    that does not fit continues in the next batch, which runs its prefix again. An item longer
+    than the budget gets a batch of its own.
+    """
+    plain = [u for u, (_, p) in enumerate(items) if not p]
+    lengths = [len(items[u][0]) for u in plain]
+    order = sorted(range(len(plain)), key=lambda j: -lengths[j])
+    batches = [[plain[j] for j in b] for b in budget_batches(lengths, max_tokens, order=order)]
+    groups: dict[tuple, list[int]] = {}
+    for u, (seq, p) in enumerate(items):
+        if p:
+            groups.setdefault(tuple(seq[:p]), []).append(u)
+    current: list[int] = []
+    used, opened = 0, set()
+    for g, members in enumerate(groups.values()):
+        for u in sorted(members, key=lambda u: -len(items[u][0])):
+            seq, p = items[u]
+            cost = len(seq) - (p if g in opened else 0)
+            if current and used + cost > max_tokens:
+                batches.append(current)
+                current, used, opened = [], 0, set()
+                cost = len(seq)
+            current.append(u)
+            used += cost
+            opened.add(g)
     if current:
         batches.append(current)
     return batches

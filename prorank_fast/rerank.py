@@ -8,17 +8,34 @@
 
 How a call runs: prompts are built at token-id level with the export's template
 (:meth:`PromptTemplate.build_group`, documents encoded in one batched tokenizer call, only the
-document truncated), sorted by length, and cut into packed batches of at most ``max_tokens``
-tokens (no padding: ``position_ids`` restart per sequence, ``cu_seqlens``). The backbone runs
+document truncated), ordered (a query's prompts together, longest first; without shared
+prefixes simply longest first) and cut into packed batches of at most ``max_tokens`` tokens
+(no padding: ``position_ids`` restart per sequence, ``cu_seqlens``). The backbone runs
 once per packed batch with varlen attention ("prorank_varlen": flash-attn or torch varlen on
 CUDA, SDPA per document on CPU), exactly as :class:`~prorank_fast.scoring.RerankerScorer`
 runs it in training; only each sequence's last position reaches the head, and only the K
 output-set rows of the LM head are read (:func:`prorank_fast.kernels.restricted_vocab_score`).
 bf16 on CUDA, fp32 on CPU by default.
+
+Shared prefixes (``shared_prefix=True``, the default): a template puts the system turn, the
+instruction and the query before the document, so every prompt of one query starts with the
+same tokens. ``predict`` knows where that part ends (the template's pieces before the
+document, a function of the query alone); a packed batch then runs in two passes through the
+same scorer: the batch's query prefixes once (their keys/values kept per layer, a
+:class:`~prorank_fast.modeling.SharedPrefix` store), then the documents' remaining tokens, each
+attending to its query's stored keys/values and its own tokens, positions continuing after
+the prefix. A query whose documents span several batches has its prefix recomputed in each
+(the same tokens, so the same keys/values). Identical prompts of one call are scored once and
+the score copied. Batch invariance holds in either mode: a prompt's split point depends on
+its own query only, the prefix pass treats each prefix as its own sequence, and every linear
+is per-row invariant, so a score never depends on what else is in the call; the two modes
+differ from each other by rounding only (fp32: ~1e-7 on the tiny test model, ~1e-5 on a
+30-layer one, as a padded forward differs from either).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -32,13 +49,14 @@ from .data.records import iter_jsonl, text_field
 from .errors import DataError
 from .modeling import (
     ATTN_IMPLEMENTATION,
+    SharedPrefix,
     batch_invariant_linears,
     enable_autocast,
     load_tokenizer,
     resolve_dtype,
     set_varlen_backend,
 )
-from .packing import budget_batches, pack_sequences
+from .packing import PrefixPass, pack_sequences, shared_prefix_batches
 from .scoring import RerankerScorer
 
 __all__ = ["DEFAULT_MAX_TOKENS", "PROGRESS_MIN_PAIRS", "Reranker"]
@@ -93,7 +111,14 @@ class Reranker:
             parameters in its forward: the model is then used as it is (not moved, not switched).
         batch_invariant: a pair's score is bitwise the same whatever else is in the call (order,
             neighbours, duplicates, max_tokens, CPU threads): the model's linears run on fixed
-            row tiles (:func:`~prorank_fast.modeling.batch_invariant_linears`). Default True.
+            row tiles (:func:`~prorank_fast.modeling.batch_invariant_linears`). None (the default):
+            on on CPU (measured cost ~15%), off on CUDA until the GPU suite has measured the
+            fixed-block Triton matmul it uses there against cuBLAS.
+        shared_prefix: each query's prompt prefix (template head, instruction, query) runs once per
+            packed batch and its documents attend to its keys/values (see the module docstring);
+            scores equal the unshared path's within rounding. Needs the "prorank_varlen" attention
+            (a given `scorer` must route ``batch.model_inputs()`` to it, as RerankerScorer does).
+            Default True.
     """
 
     def __init__(
@@ -110,7 +135,8 @@ class Reranker:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         device: str | torch.device | None = None,
         scorer: torch.nn.Module | None = None,
-        batch_invariant: bool = True,
+        batch_invariant: bool | None = None,
+        shared_prefix: bool = True,
     ):
 
         self.template = data_mod.get_template(template)
@@ -126,14 +152,16 @@ class Reranker:
         self.max_length = int(max_length)
         self.min_query_tokens = min(int(min_query_tokens), self.max_length - 1) or 1
         self.max_tokens = max(int(max_tokens), self.max_length)  # a prompt always fits a batch
-        self.batch_invariant = bool(batch_invariant)
+        self.shared_prefix = bool(shared_prefix)
         if scorer is not None:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
             self.model, self._scorer = scorer, scorer
+            self.batch_invariant = bool(batch_invariant) if batch_invariant is not None else self.device.type == "cpu"
             return
         if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.batch_invariant = bool(batch_invariant) if batch_invariant is not None else self.device.type == "cpu"
         self.model = model.to(self.device)
         # The training forward (scoring.RerankerScorer): decoder over the packed row, last positions, K head rows.
         self._scorer = RerankerScorer(self.model, self.output_ids, self.token_weights)
@@ -153,7 +181,8 @@ class Reranker:
         template: str | None = None,
         varlen_backend: str | None = None,
         autocast: str | None = None,
-        batch_invariant: bool = True,
+        batch_invariant: bool | None = None,
+        shared_prefix: bool = True,
     ) -> Reranker:
         """Load a folder written by ``export.export_model`` (``final/``): safetensors, tokenizer and
         ``config.json["prorank"]`` (template, output_token_ids, token_weights, instruction, max_length).
@@ -164,6 +193,7 @@ class Reranker:
         varlen_backend: force "flash_attn" | "torch_varlen" | "sdpa" (process-wide; default: auto).
         autocast: "bfloat16" runs the decoder under torch.autocast (the head stays in `dtype`).
         batch_invariant: scores independent of the rest of the call, bit for bit (see the class).
+        shared_prefix: each query's prefix computed once per packed batch (see the class).
         """
         from transformers import AutoModelForCausalLM
 
@@ -202,6 +232,7 @@ class Reranker:
             max_tokens=max_tokens,
             device=device,
             batch_invariant=batch_invariant,
+            shared_prefix=shared_prefix,
         )
 
     # -- scoring ---------------------------------------------------------------------------
@@ -209,6 +240,13 @@ class Reranker:
     def tokenize(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
         """Prompt token ids of each pair ([len(pairs)] lists, each at most max_length), in order.
         Pairs that share a query are built together (the query encoded once)."""
+        return self._prompts(pairs, instruction)[0]
+
+    def _prompts(
+        self, pairs: Sequence[tuple[str, str]], instruction: str | None = None
+    ) -> tuple[list[list[int]], list[int]]:
+        """(:meth:`tokenize`'s ids, the query prefix length of each prompt: its tokens before the
+        document, the same for every prompt of a query and a function of that query alone)."""
         pairs = _check_pairs(pairs)
         by_query: dict[str, list[int]] = {}
         for i, (query, _) in enumerate(pairs):
@@ -222,10 +260,22 @@ class Reranker:
             examples, self.tokenizer, self.template, self.max_length, self.min_query_tokens
         )
         ids: list[list[int]] = [[] for _ in pairs]
-        for (_, idx), group in zip(by_query.items(), groups, strict=True):
+        prefix_lengths = [0] * len(pairs)
+        for (query, idx), group in zip(by_query.items(), groups, strict=True):
+            start = self._prefix_length(query, instruction)
             for i, seq in zip(idx, group.input_ids, strict=True):
-                ids[i] = seq
-        return ids
+                ids[i], prefix_lengths[i] = seq, start
+        return ids, prefix_lengths
+
+    def _prefix_length(self, query: str, instruction: str | None) -> int:
+        """Tokens before the document in every prompt of ``query`` (template head, instruction,
+        the query as cut to fit, document label): built around a marker document; 0 when no
+        document token fits max_length (every prompt of the query is then the same)."""
+        marker = -1
+        ids = self.template.build_group(
+            self.tokenizer, query, [""], instruction, self.max_length, self.min_query_tokens, document_ids=[[marker]]
+        )[0]
+        return ids.index(marker) if marker in ids else 0
 
     # no_grad, not inference_mode: attention.py's per-document SDPA caches by tensor._version,
     # which inference tensors do not have.
@@ -236,37 +286,92 @@ class Reranker:
         *,
         max_tokens: int | None = None,
         show_progress_bar: bool | None = None,
+        prefix_lengths: Sequence[int] | None = None,
     ) -> list[float]:
-        """Scores [len(sequences)] (fp32 values as Python floats) of prompts given as token ids."""
+        """Scores [len(sequences)] (fp32 values as Python floats) of prompts given as token ids.
+
+        prefix_lengths: for each sequence, how many of its first tokens form a prefix that other
+        sequences starting with the same tokens share (predict passes each query's template
+        part); with ``shared_prefix`` on, each distinct prefix runs once per packed batch. None:
+        nothing shared. Identical sequences (with the same prefix length) are scored once.
+        """
         if len(sequences) == 0:
             return []
-        budget = max(int(max_tokens or self.max_tokens), max(len(s) for s in sequences))
-        lengths = [len(s) for s in sequences]
-        # longest first (an out-of-memory shows on the first batch), similar lengths together
-        batches = budget_batches(lengths, budget, order=sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+        if prefix_lengths is not None and len(prefix_lengths) != len(sequences):
+            raise ValueError(f"{len(prefix_lengths)} prefix_lengths for {len(sequences)} sequences")
+        share = self.shared_prefix and prefix_lengths is not None
+        # Identical prompts (same tokens, same split) are scored once: `where[i]` is sequence i's unique item.
+        items: list[tuple[tuple[int, ...], int]] = []
+        index: dict[tuple[tuple[int, ...], int], int] = {}
+        where = []
+        for i, seq in enumerate(sequences):
+            seq = tuple(seq.tolist() if isinstance(seq, torch.Tensor) else seq)
+            if not seq:
+                raise ValueError(f"sequences[{i}] is empty (every prompt needs a token)")
+            # the prefix leaves at least one token to the second pass, where the score is read
+            key = (seq, min(max(int(prefix_lengths[i]), 0), len(seq) - 1) if share else 0)
+            where.append(index.setdefault(key, len(items)))
+            if where[-1] == len(items):
+                items.append(key)
+        copies = [0] * len(items)
+        for u in where:
+            copies[u] += 1
+        budget = max(int(max_tokens or self.max_tokens), max(len(seq) for seq, _ in items))
+        batches = shared_prefix_batches(items, budget)
         show = len(sequences) >= PROGRESS_MIN_PAIRS if show_progress_bar is None else show_progress_bar
         bar = None
         if show:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(sequences), desc="rerank", unit="pair", dynamic_ncols=True)
-        scores = [0.0] * len(sequences)
+        scores = [0.0] * len(items)
         was_training = self.model.training
         self.model.eval()  # restored below: the model may be one that is being trained
         try:
             for batch in batches:
-                packed = pack_sequences([sequences[i] for i in batch], [0.0] * len(batch)).to(self.device)
                 with batch_invariant_linears(self.model, self.batch_invariant):
-                    out = self._scorer(packed)
-                for i, s in zip(batch, out.float().cpu().tolist(), strict=True):
-                    scores[i] = s
+                    out = self._score_batch([items[u] for u in batch])
+                for u, s in zip(batch, out.float().cpu().tolist(), strict=True):
+                    scores[u] = s
                 if bar is not None:
-                    bar.update(len(batch))
+                    bar.update(sum(copies[u] for u in batch))
         finally:
             self.model.train(was_training)
             if bar is not None:
                 bar.close()
-        return scores
+        return [scores[u] for u in where]
+
+    def _score_batch(self, items: list[tuple[tuple[int, ...], int]]) -> torch.Tensor:
+        """Scores [len(items)] of one packed batch of (tokens, prefix length) items.
+
+        Without prefixes: one packed pass. With them: pass 1 runs each distinct prefix once as a
+        sequence of its own (positions from 0), its keys/values kept in a SharedPrefix store;
+        pass 2 runs every item's tokens after its prefix (positions continuing), attending to its
+        prefix's stored keys/values and then causally to its own tokens; scores come from pass 2.
+        """
+        if not any(p for _, p in items):
+            packed = pack_sequences([seq for seq, _ in items], [0.0] * len(items)).to(self.device)
+            return self._scorer(packed)
+        slot: dict[tuple[int, ...], int] = {}
+        prefixes: list[tuple[int, ...]] = []
+        for seq, p in items:
+            if p and slot.setdefault(seq[:p], len(prefixes)) == len(prefixes):
+                prefixes.append(seq[:p])
+        store = SharedPrefix()
+        nothing = torch.empty(0, dtype=torch.int64)
+        lengths = [len(x) for x in prefixes]
+        store.begin_pass([nothing] * len(prefixes), lengths, append=True, device=self.device)
+        self._scorer(PrefixPass(prefixes, [0] * len(prefixes), store, self.device))
+        if not store.keys:
+            raise RuntimeError(
+                "shared_prefix=True: the model's attention never read the shared prefix (it needs the "
+                f"{ATTN_IMPLEMENTATION!r} attention implementation); pass shared_prefix=False"
+            )
+        starts = [0, *itertools.accumulate(lengths)]
+        attend = [torch.arange(starts[slot[seq[:p]]], starts[slot[seq[:p]]] + p) if p else nothing for seq, p in items]
+        rest = [seq[p:] for seq, p in items]
+        store.begin_pass(attend, [len(x) for x in rest], append=False, device=self.device)
+        return self._scorer(PrefixPass(rest, [p for _, p in items], store, self.device))
 
     def predict(
         self,
@@ -280,9 +385,11 @@ class Reranker:
         """Scores of (query, document) pairs, in input order: ``sum_k w_k z[token_k]`` (by default
         the logit difference z[pos] - z[neg]); ``normalize=True`` applies a sigmoid (vLLM's
         from_2_way_softmax). ``show_progress_bar=None`` shows a tqdm bar from 1024 pairs on.
-        ``instruction`` overrides the reranker's for this call."""
+        ``instruction`` overrides the reranker's for this call. Each query's prefix runs once per
+        packed batch (``shared_prefix``); identical pairs are scored once."""
+        ids, prefix_lengths = self._prompts(pairs, instruction)
         scores = self.score_token_ids(
-            self.tokenize(pairs, instruction), max_tokens=max_tokens, show_progress_bar=show_progress_bar
+            ids, max_tokens=max_tokens, show_progress_bar=show_progress_bar, prefix_lengths=prefix_lengths
         )
         return [1.0 / (1.0 + math.exp(-s)) for s in scores] if normalize else scores
 
@@ -323,7 +430,8 @@ class Reranker:
         name = type(self.model).__name__
         return (
             f"Reranker({name}, template={self.template.name!r}, output_ids={self.output_ids}, "
-            f"token_weights={self.token_weights}, max_length={self.max_length}, device={self.device})"
+            f"token_weights={self.token_weights}, max_length={self.max_length}, device={self.device}, "
+            f"batch_invariant={self.batch_invariant}, shared_prefix={self.shared_prefix})"
         )
 
 

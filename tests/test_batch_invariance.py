@@ -169,3 +169,10 @@ def test_real_model_scores_are_batch_invariant():
         _same(reranker.predict(pairs), reference)
     finally:
         torch.set_num_threads(before)
+
+
+def test_default_is_on_on_cpu_and_off_on_cuda_until_measured(reranker):
+    assert reranker.batch_invariant is True
+    common = dict(scorer=reranker._scorer, device="cuda")  # a scorer: nothing is moved, nothing runs
+    assert Reranker(reranker.model, reranker.tokenizer, **common).batch_invariant is False
+    assert Reranker(reranker.model, reranker.tokenizer, batch_invariant=True, **common).batch_invariant is True

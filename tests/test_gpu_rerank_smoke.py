@@ -23,10 +23,12 @@ def test_gpu_suite_rerank_section_smoke(tmp_path):
     assert "rerank s/query (ours)" in proc.stdout
     data = json.loads(next(tmp_path.glob("gpu_suite_cpu_*.json")).read_text())
     rows = {r["variant"]: r for r in data["rerank"]["rows"]}
-    assert set(rows) == {"ours", "padded_last", "padded_full"}, rows
+    assert set(rows) == {"ours", "ours_invariant", "padded_last", "padded_full"}, rows
     for variant, r in rows.items():
         assert r["status"] == "ok" and r["s_per_query"] > 0 and r["docs_per_s"] > 0, (variant, r)
     # fp32 on CPU: the padded forwards score the same prompts as the packed one
     assert rows["padded_last"]["max_score_diff"] <= 1e-4 * max(1.0, rows["ours"]["score_spread"]), rows
     assert rows["padded_full"]["max_score_diff"] <= 1e-4 * max(1.0, rows["ours"]["score_spread"]), rows
+    # on CPU "ours" is batch-invariant already (the default there): the same scores, bit for bit
+    assert rows["ours_invariant"]["max_score_diff"] == 0.0, rows
     assert rows["ours"]["score_spread"] > 0, rows

@@ -160,6 +160,22 @@ def test_rank_cli_scores_each_line(tmp_path, exported, reranker):
     assert [g["score"] for g in got] == pytest.approx(expected, abs=1e-5)
 
 
+def test_rank_cli_no_shared_prefix(tmp_path, exported, reranker):
+    """--no-shared-prefix: every prompt runs whole; the scores are the unshared path's, bit for bit."""
+    from prorank_fast.cli import main
+
+    src = _write_jsonl(tmp_path / "pairs.jsonl", [{"query": q, "document": d} for q, d in PAIRS])
+    out = tmp_path / "scores.jsonl"
+    assert main(["rank", str(exported), "--input", str(src), "--output", str(out), "--no-shared-prefix"]) == 0
+    got = [json.loads(line)["score"] for line in out.read_text().splitlines()]
+    reranker.shared_prefix = False
+    try:
+        assert got == reranker.predict(PAIRS)
+    finally:
+        reranker.shared_prefix = True
+    assert got == pytest.approx(reranker.predict(PAIRS), abs=1e-5)
+
+
 def test_rank_cli_stdout(tmp_path, exported, capsys):
     from prorank_fast.cli import main
 

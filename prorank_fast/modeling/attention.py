@@ -225,6 +225,8 @@ class _OneEntryCache:
 
 
 _cu_list_cache = _OneEntryCache()
+_cu_k_list_cache = _OneEntryCache()  # keys longer than queries (a shared-prefix pass): its own entry
+_mask_cache = _OneEntryCache()  # the bottom-right causal masks of such a pass, built once for all layers
 _position_cache = _OneEntryCache()
 
 
@@ -260,7 +262,7 @@ def _sdpa_per_sequence(
 ) -> torch.Tensor:
     """SDPA once per sequence. q: [Tq, Hq, D], k/v: [Tk, Hkv, D] (Hq a multiple of Hkv) -> [Tq, Hq, D]."""
     bounds_q = _cu_list_cache.get(cu_q, cu_q.tolist)
-    bounds_k = bounds_q if cu_k is cu_q else [int(x) for x in cu_k.tolist()]
+    bounds_k = bounds_q if cu_k is cu_q else _cu_k_list_cache.get(cu_k, cu_k.tolist)
     if len(bounds_q) != len(bounds_k):
         raise ValueError(f"cu_seq_lens_q has {len(bounds_q)} entries and cu_seq_lens_k {len(bounds_k)}")
     if bounds_q[-1] != q.shape[0] or bounds_k[-1] != k.shape[0]:
@@ -276,20 +278,31 @@ def _sdpa_per_sequence(
     sizes_q = [b - a for a, b in zip(bounds_q[:-1], bounds_q[1:], strict=True)]
     sizes_k = [b - a for a, b in zip(bounds_k[:-1], bounds_k[1:], strict=True)]
     extra = {"enable_gqa": True} if gqa else {}
+    masks = [None] * len(sizes_q)
+    if causal and sizes_q != sizes_k:  # keys longer than queries: align the diagonal bottom-right
+        masks = _mask_cache.get(
+            cu_k, lambda: _bottom_right_masks(sizes_q, sizes_k, q.device), (tuple(sizes_q), q.device)
+        )
     outs = []
-    for qs, ks, vs in zip(qh.split(sizes_q, dim=2), kh.split(sizes_k, dim=2), vh.split(sizes_k, dim=2), strict=True):
-        lq, lk = qs.shape[2], ks.shape[2]
+    split = zip(qh.split(sizes_q, dim=2), kh.split(sizes_k, dim=2), vh.split(sizes_k, dim=2), masks, strict=True)
+    for qs, ks, vs, mask in split:
+        lq = qs.shape[2]
         if lq == 0:
             continue
-        mask = None
-        is_causal = causal and lq > 1
-        if causal and lq != lk:  # keys longer than queries: align the diagonal bottom-right
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-            is_causal = False
+        is_causal = causal and lq > 1 and mask is None
         attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=scale, **extra)
         outs.append(attn)
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.squeeze(0).transpose(0, 1).contiguous()
+
+
+def _bottom_right_masks(sizes_q: list[int], sizes_k: list[int], device) -> list[torch.Tensor | None]:
+    """Per sequence: None where queries and keys have one length (plain causal), else the causal
+    mask with its diagonal aligned bottom-right (query i sits at key position lk - lq + i)."""
+    return [
+        None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+        for lq, lk in zip(sizes_q, sizes_k, strict=True)
+    ]
 
 
 def varlen_attention(

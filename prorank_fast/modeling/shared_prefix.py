@@ -1,5 +1,6 @@
 """Keys and values that later packed passes attend to without recomputing them (stage 1:
-a prompt runs once, its G completions read its keys/values)."""
+a prompt runs once, its G completions read its keys/values; Reranker: a query's prefix runs
+once per packed batch, its documents read its keys/values)."""
 
 from __future__ import annotations
 

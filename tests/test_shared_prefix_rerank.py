@@ -1,0 +1,185 @@
+"""Shared-prefix reranking and duplicate pairs (Reranker, shared_prefix=True, the default).
+
+Each query's prompt prefix (template head, instruction, query) runs once per packed batch and its
+documents attend to its keys/values; identical prompts of a call are scored once. Checked here:
+the scores equal the unshared path's within 1e-5 (fp32); within the shared mode they are bitwise
+batch-invariant (permutations, subsets, duplicates, max_tokens, neighbours from other queries,
+thread counts: ==, never approx); the work done (tokens through the model, counted on the
+scorer) is one prefix per query per batch plus each distinct prompt's rest; both templates.
+On the tiny random Qwen2 of rerank_helpers (demo tokenizer).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from rerank_helpers import demo_tokenizer, export_tiny
+
+from prorank_fast.rerank import Reranker
+from prorank_fast.scoring import RerankerScorer
+
+WORDS = "the cat sat on a mat dogs bark at night paris is capital of france bm25 ranks documents".split()
+
+
+def _pairs(n: int, seed: int = 0, queries: int = 4) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    qs = [" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) for _ in range(queries)]
+    return [(rng.choice(qs), " ".join(rng.choices(WORDS, k=rng.randint(3, 90)))) for _ in range(n)]
+
+
+def _same(got, want):
+    bad = [(i, a, b) for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+    assert not bad, f"{len(bad)} scores differ, first: {bad[:3]}"
+
+
+class Counting(torch.nn.Module):
+    """A scorer wrapper that counts the forwards and the tokens they run."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.tokens = inner, 0, 0
+
+    def forward(self, batch):
+        self.calls += 1
+        self.tokens += int(batch.num_tokens)
+        return self.inner(batch)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return demo_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module", params=["prorank", "qwen3"])
+def reranker(request, tmp_path_factory, tokenizer):
+    folder = export_tiny(tmp_path_factory.mktemp(f"export-{request.param}"), tokenizer, template=request.param)
+    return Reranker.from_pretrained(folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return _pairs(24)
+
+
+@pytest.fixture(scope="module")
+def reference(reranker, pairs):
+    assert reranker.shared_prefix
+    return reranker.predict(pairs)
+
+
+@pytest.fixture
+def counting(reranker):
+    inner = reranker._scorer
+    reranker._scorer = Counting(inner)
+    yield reranker._scorer
+    reranker._scorer = inner
+
+
+def test_the_prefix_is_the_template_part_before_the_document(reranker, pairs):
+    ids, prefix_lengths = reranker._prompts(pairs)
+    for (query, doc), seq, p in zip(pairs, ids, prefix_lengths, strict=True):
+        head, rest = reranker.tokenizer.decode(seq[:p]), reranker.tokenizer.decode(seq[p:])
+        assert head.rstrip().endswith(query + reranker.template.document_label)
+        assert rest.startswith(" " + doc.split()[0])
+    by_query = {}
+    for (query, _), seq, p in zip(pairs, ids, prefix_lengths, strict=True):
+        by_query.setdefault(query, set()).add(tuple(seq[:p]))
+    assert all(len(v) == 1 for v in by_query.values())  # one prefix per query
+
+
+def test_shared_equals_unshared(reranker, pairs, reference):
+    reranker.shared_prefix = False
+    try:
+        plain = reranker.predict(pairs)
+    finally:
+        reranker.shared_prefix = True
+    assert max(abs(a - b) for a, b in zip(reference, plain, strict=True)) <= 1e-5
+    assert max(reference) - min(reference) > 0.5  # distinct scores: a wrong token or position would show
+
+
+def test_each_pair_alone_and_permutations(reranker, pairs, reference):
+    _same([reranker.predict([p])[0] for p in pairs], reference)
+    order = list(range(len(pairs)))
+    random.Random(1).shuffle(order)
+    _same(reranker.predict([pairs[i] for i in order]), [reference[i] for i in order])
+
+
+def test_subsets_duplicates_and_neighbours_from_other_queries(reranker, pairs, reference):
+    rng = random.Random(2)
+    picked = rng.sample(range(len(pairs)), 9) + rng.choices(range(len(pairs)), k=6)
+    _same(reranker.predict([pairs[i] for i in picked]), [reference[i] for i in picked])
+    others = _pairs(30, seed=9, queries=3)
+    got = reranker.predict(others[:17] + pairs + others[17:])
+    _same(got[17 : 17 + len(pairs)], reference)
+
+
+def test_max_tokens_from_one_prompt_to_everything(reranker, pairs, reference):
+    lengths = [len(s) for s in reranker.tokenize(pairs)]
+    for max_tokens in (1, max(lengths), 2 * max(lengths) + 7, sum(lengths) // 3, sum(lengths)):
+        _same(reranker.predict(pairs, max_tokens=max_tokens), reference)
+
+
+def test_thread_counts(reranker, pairs, reference):
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            _same(reranker.predict(pairs[::-1]), reference[::-1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_each_prefix_runs_once_per_batch_and_duplicates_once(reranker, pairs, counting):
+    ids, prefix_lengths = reranker._prompts(pairs)
+    prefixes = {tuple(s[:p]) for s, p in zip(ids, prefix_lengths, strict=True)}
+    distinct = {tuple(s): p for s, p in zip(ids, prefix_lengths, strict=True)}
+    expected = sum(len(p) for p in prefixes) + sum(len(s) - p for s, p in distinct.items())
+    reranker.predict(pairs + pairs[:10] + pairs[3:5], max_tokens=10**6)
+    assert (counting.calls, counting.tokens) == (2, expected)  # one prefix pass, one pass of the rest
+    counting.calls = counting.tokens = 0
+    reranker.shared_prefix = False
+    try:
+        reranker.predict(pairs + pairs[:10], max_tokens=10**6)
+    finally:
+        reranker.shared_prefix = True
+    assert (counting.calls, counting.tokens) == (1, sum(len(s) for s in distinct))  # duplicates once here too
+
+
+def test_a_query_spanning_batches_reruns_its_prefix(reranker, counting):
+    query = "what is the capital of france"
+    docs = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(8)]
+    pairs = [(query, d) for d in docs]
+    whole = reranker.predict(pairs, max_tokens=10**6)
+    ids, prefix_lengths = reranker._prompts(pairs)
+    counting.calls = counting.tokens = 0
+    _same(reranker.predict(pairs, max_tokens=3 * max(len(s) for s in ids)), whole)
+    assert counting.calls >= 4 and counting.calls % 2 == 0  # prefix pass + rest pass per batch
+    batches = counting.calls // 2
+    assert counting.tokens == batches * prefix_lengths[0] + sum(len(s) - prefix_lengths[0] for s in ids)
+
+
+def test_score_token_ids_shares_given_prefixes(reranker, pairs, reference):
+    ids, prefix_lengths = reranker._prompts(pairs)
+    _same(reranker.score_token_ids(ids, prefix_lengths=prefix_lengths), reference)
+    unshared = reranker.score_token_ids(ids)  # no prefix_lengths: nothing shared, duplicates still once
+    assert max(abs(a - b) for a, b in zip(unshared, reference, strict=True)) <= 1e-5
+    with pytest.raises(ValueError, match="3 prefix_lengths for"):
+        reranker.score_token_ids(ids, prefix_lengths=[1, 2, 3])
+
+
+def test_a_given_scorer_shares_too_and_a_wrong_attention_is_an_error(reranker, pairs, reference):
+    """The trainer's held-out evaluation passes its RerankerScorer root: the passes go through it."""
+    model = reranker.model
+    scorer = RerankerScorer(model, reranker.output_ids, reranker.token_weights)
+    kwargs = dict(template=reranker.template, max_length=reranker.max_length, scorer=scorer,
+                  min_query_tokens=reranker.min_query_tokens)  # fmt: skip
+    given = Reranker(model, reranker.tokenizer, **kwargs)
+    _same(given.predict(pairs), reference)
+    model.set_attn_implementation("sdpa")  # attention that ignores the shared prefix
+    try:
+        with pytest.raises(RuntimeError, match="shared_prefix=True: .*prorank_varlen"):
+            given.predict(pairs[:2])
+    finally:
+        model.set_attn_implementation("prorank_varlen")
