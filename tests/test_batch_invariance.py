@@ -1,7 +1,8 @@
 """Bitwise batch invariance of scoring: a (query, document) pair's score is the same float
-whatever else is in the call: order, neighbours, duplicates, number of pairs, max_tokens and
-the CPU thread count. Every comparison is ==, never approx: the invariant path guarantees it by
-construction (modeling/invariant.py), so anything else is a bug.
+whatever else is in the call: order, neighbours, other queries, duplicates, number of pairs,
+max_tokens and the CPU thread count. Every comparison is ==, never approx: the invariant path
+guarantees it by construction (modeling/invariant.py), so anything else is a bug. In each mode:
+shared query prefixes (the default) and whole prompts, both templates.
 
 On the tiny random Qwen2 (demo tokenizer) and, where installed, on the real SmolLM2-135M.
 """
@@ -22,16 +23,30 @@ from prorank_fast.rerank import Reranker
 WORDS = "the cat sat on a mat dogs bark at night paris is capital of france bm25 ranks documents".split()
 
 
-def _pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+def _pairs(n: int, seed: int = 0, queries: int = 4) -> list[tuple[str, str]]:
     rng = random.Random(seed)
-    queries = [" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) for _ in range(4)]
-    return [(rng.choice(queries), " ".join(rng.choices(WORDS, k=rng.randint(3, 90)))) for _ in range(n)]
+    qs = [" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) for _ in range(queries)]
+    return [(rng.choice(qs), " ".join(rng.choices(WORDS, k=rng.randint(3, 90)))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
-def reranker(tmp_path_factory):
-    tokenizer = demo_tokenizer(tmp_path_factory.mktemp("tok"))
-    return Reranker.from_pretrained(export_tiny(tmp_path_factory.mktemp("export"), tokenizer), device="cpu")
+def tokenizer(tmp_path_factory):
+    return demo_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer):
+    return {t: export_tiny(tmp_path_factory.mktemp(f"export-{t}"), tokenizer, template=t) for t in ("prorank", "qwen3")}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("prorank", True), ("prorank", False), ("qwen3", True)],
+    ids=["prorank-shared", "prorank-whole", "qwen3-shared"],
+)
+def reranker(request, exports):
+    template, shared = request.param
+    return Reranker.from_pretrained(exports[template], device="cpu", shared_prefix=shared)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +84,8 @@ def test_subsets_and_duplicates(reranker, pairs, reference, seed):
     _same(got, [reference[i] for i in picked])
 
 
-def test_neighbours_from_another_call(reranker, pairs, reference):
-    others = _pairs(30, seed=9)
+def test_neighbours_from_another_call_and_other_queries(reranker, pairs, reference):
+    others = _pairs(30, seed=9, queries=3)
     got = reranker.predict(others[:17] + pairs + others[17:])
     _same(got[17 : 17 + len(pairs)], reference)
 

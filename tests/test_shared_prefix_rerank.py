@@ -2,36 +2,21 @@
 
 Each query's prompt prefix (template head, instruction, query) runs once per packed batch and its
 documents attend to its keys/values; identical prompts of a call are scored once. Checked here:
-the scores equal the unshared path's within 1e-5 (fp32); within the shared mode they are bitwise
-batch-invariant (permutations, subsets, duplicates, max_tokens, neighbours from other queries,
-thread counts: ==, never approx); the work done (tokens through the model, counted on the
-scorer) is one prefix per query per batch plus each distinct prompt's rest; both templates.
+the scores equal the unshared path's within 1e-5 (fp32); the work done (tokens through the model,
+counted on the scorer) is one prefix per query per batch plus each distinct prompt's rest; both
+templates. Batch invariance within the shared mode: tests/test_batch_invariance.py.
 On the tiny random Qwen2 of rerank_helpers (demo tokenizer).
 """
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from rerank_helpers import demo_tokenizer, export_tiny
+from test_batch_invariance import WORDS, _pairs, _same
 
 from prorank_fast.rerank import Reranker
 from prorank_fast.scoring import RerankerScorer
-
-WORDS = "the cat sat on a mat dogs bark at night paris is capital of france bm25 ranks documents".split()
-
-
-def _pairs(n: int, seed: int = 0, queries: int = 4) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    qs = [" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) for _ in range(queries)]
-    return [(rng.choice(qs), " ".join(rng.choices(WORDS, k=rng.randint(3, 90)))) for _ in range(n)]
-
-
-def _same(got, want):
-    bad = [(i, a, b) for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
-    assert not bad, f"{len(bad)} scores differ, first: {bad[:3]}"
 
 
 class Counting(torch.nn.Module):
@@ -97,38 +82,6 @@ def test_shared_equals_unshared(reranker, pairs, reference):
         reranker.shared_prefix = True
     assert max(abs(a - b) for a, b in zip(reference, plain, strict=True)) <= 1e-5
     assert max(reference) - min(reference) > 0.5  # distinct scores: a wrong token or position would show
-
-
-def test_each_pair_alone_and_permutations(reranker, pairs, reference):
-    _same([reranker.predict([p])[0] for p in pairs], reference)
-    order = list(range(len(pairs)))
-    random.Random(1).shuffle(order)
-    _same(reranker.predict([pairs[i] for i in order]), [reference[i] for i in order])
-
-
-def test_subsets_duplicates_and_neighbours_from_other_queries(reranker, pairs, reference):
-    rng = random.Random(2)
-    picked = rng.sample(range(len(pairs)), 9) + rng.choices(range(len(pairs)), k=6)
-    _same(reranker.predict([pairs[i] for i in picked]), [reference[i] for i in picked])
-    others = _pairs(30, seed=9, queries=3)
-    got = reranker.predict(others[:17] + pairs + others[17:])
-    _same(got[17 : 17 + len(pairs)], reference)
-
-
-def test_max_tokens_from_one_prompt_to_everything(reranker, pairs, reference):
-    lengths = [len(s) for s in reranker.tokenize(pairs)]
-    for max_tokens in (1, max(lengths), 2 * max(lengths) + 7, sum(lengths) // 3, sum(lengths)):
-        _same(reranker.predict(pairs, max_tokens=max_tokens), reference)
-
-
-def test_thread_counts(reranker, pairs, reference):
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
-            _same(reranker.predict(pairs[::-1]), reference[::-1])
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_each_prefix_runs_once_per_batch_and_duplicates_once(reranker, pairs, counting):
