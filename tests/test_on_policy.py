@@ -78,19 +78,25 @@ def test_two_token_completions_answer_and_end_token_are_bitwise_too(lm, seed):
     assert torch.equal(policy(batch, head="logprobs", options=OPTIONS).detach(), torch.cat(sampled))
 
 
-def test_third_and_later_tokens_agree_to_rounding(lm):
-    """With three tokens or more, the policy pass's completion row holds several queries per
-    completion (causal among them) where each decode step held one: other attention shapes,
-    so the tokens after the first are equal only to rounding. The first stays bitwise equal."""
+@pytest.mark.parametrize("max_new_tokens", [3, 6])
+def test_longer_completions_are_bitwise_too(lm, max_new_tokens):
+    """With batch invariance the policy pass runs the completion row token by token, as the
+    sampler decoded it: every token's log-prob is the sampler's, bit for bit, whatever the
+    lengths (mixed here: stop token 0 ends some early), and gradients flow as in one pass."""
     prompts, _, _ = _random_case([7, 12, 3], [[]] * 3, seed=5)
     policy = PolicyForGRPO(lm)
-    completions, sampled = _sample(policy, prompts, 3, seed=8)
+    completions, sampled = _sample(policy, prompts, max_new_tokens, seed=8)
     batch = make_group_batch(prompts, completions, [i for i in range(3) for _ in range(4)])
-    ours = policy(batch, head="logprobs", options=OPTIONS).detach()
-    rollout = torch.cat(sampled)
-    assert torch.allclose(ours, rollout, rtol=0, atol=1e-5), (ours - rollout).abs().max()
-    starts = torch.tensor([0] + [len(c) for c in completions[:-1]]).cumsum(0)
-    assert torch.equal(ours[starts], rollout[starts])
+    ours = policy(batch, head="logprobs", options=OPTIONS)
+    assert torch.equal(ours.detach(), torch.cat(sampled))
+    lm.zero_grad(set_to_none=True)
+    ours.sum().backward()
+    by_token = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad(set_to_none=True)
+    policy(batch, head="logprobs", options=GRPOOptions(temperature=0.7)).sum().backward()
+    for a, b in zip(by_token, [p.grad for p in lm.parameters()], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # one pass: the same gradient to rounding
+    lm.zero_grad(set_to_none=True)
 
 
 def test_without_batch_invariance_the_logprobs_still_agree_to_rounding(lm):

@@ -70,8 +70,13 @@ class PolicyForGRPO(torch.nn.Module):
         """[N, H]: for each completion token, the hidden state that predicts it."""
         return self._states(batch).index_select(0, batch.pred_index)
 
-    def _states(self, batch: GroupBatch) -> torch.Tensor:
-        """cat([each prompt's last state [P, H], the completion row's states]): pred_index's domain."""
+    def _states(self, batch: GroupBatch, token_by_token: bool = False) -> torch.Tensor:
+        """cat([each prompt's last state [P, H], the completion row's states]): pred_index's domain.
+
+        token_by_token: the completion row runs as the sampler decodes it, one pass per position
+        (each completion's t-th input token attending to its prompt and its own earlier tokens), so
+        that every completion token's state is computed exactly as at sampling time; otherwise
+        one pass for the whole row (several queries per completion, equal to rounding)."""
         device = batch.prompt_ids.device
         prefix = SharedPrefix()
         prefix.begin_pass(
@@ -82,9 +87,39 @@ class PolicyForGRPO(torch.nn.Module):
         states = [prompt_states.index_select(0, last)]
         if batch.comp_lengths:
             ranges = prompt_ranges(batch.prompt_lengths)
-            prefix.begin_pass([ranges[p] for p in batch.comp_prompt], batch.comp_lengths, append=False, device=device)
-            states.append(self._decoder(batch.comp_ids, batch.comp_positions, prefix))
+            if token_by_token and max(batch.comp_lengths) > 1:
+                states.append(self._completion_states_token_by_token(batch, prefix, ranges))
+            else:
+                prefix.begin_pass(
+                    [ranges[p] for p in batch.comp_prompt], batch.comp_lengths, append=False, device=device
+                )
+                states.append(self._decoder(batch.comp_ids, batch.comp_positions, prefix))
         return torch.cat(states)
+
+    def _completion_states_token_by_token(self, batch: GroupBatch, prefix: SharedPrefix, ranges) -> torch.Tensor:
+        """The completion row's states [T_c, H], one pass per position, as sampling.py's decode steps."""
+        device = batch.comp_ids.device
+        starts = [0]
+        for n in batch.comp_lengths[:-1]:
+            starts.append(starts[-1] + n)
+        own: list[list[int]] = [[] for _ in batch.comp_lengths]  # store positions of each one's tokens
+        outs, order = [], []
+        for t in range(max(batch.comp_lengths)):
+            live = [c for c, n in enumerate(batch.comp_lengths) if n > t]
+            base = prefix.size
+            prefix.begin_pass(
+                [torch.cat([ranges[batch.comp_prompt[c]], torch.tensor(own[c], dtype=torch.int64)]) for c in live],
+                [1] * len(live), append=True, device=device,
+            )  # fmt: skip
+            rows = [starts[c] + t for c in live]
+            index = torch.tensor(rows, device=device)
+            outs.append(self._decoder(batch.comp_ids[index], batch.comp_positions[index], prefix))
+            order += rows
+            for i, c in enumerate(live):
+                own[c].append(base + i)
+        inverse = torch.empty(len(order), dtype=torch.int64)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return torch.cat(outs).index_select(0, inverse.to(device))
 
     def forward(self, batch=None, *, head: str = "grpo", options: GRPOOptions | None = None,
                 num_items_in_batch=None, input_ids=None, positions=None, prefix=None, rows=None,
@@ -105,7 +140,7 @@ class PolicyForGRPO(torch.nn.Module):
             )  # fmt: skip
             return tokens, logp.view(-1, n)
         with batch_invariant_linears(self.lm, o.batch_invariant):
-            states = self._states(batch)
+            states = self._states(batch, token_by_token=o.batch_invariant)
         hidden = states.index_select(0, batch.pred_index)
         if head == "logprobs":
             return fused_linear_logprobs(

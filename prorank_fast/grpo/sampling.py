@@ -59,10 +59,8 @@ def sample_group_completions(
     earlier tokens. A completion ends after a stop token or at max_new_tokens. `policy` is
     called as policy(head="sample", ...) so FSDP gathers the head. The log-probs are computed
     as the policy pass computes them (`options`: temperature, batch_invariant): with
-    batch_invariant they are the policy pass's own, bit for bit, for completions of up to two
-    tokens (the answer and the end token: each is predicted by one query over the same keys in
-    both); from three tokens on, the policy's completion row holds several queries per
-    completion where a decode step held one, and the later tokens agree to rounding.
+    batch_invariant they are the policy pass's own, bit for bit (the policy pass then runs the
+    completion row token by token, as these decode steps do: PolicyForGRPO._states).
     """
     device = torch.device(device) if device is not None else next(policy.parameters()).device
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.int64)
