@@ -59,13 +59,13 @@ def reference(reranker, pairs):
     return reranker.predict(pairs)
 
 
-def _same(got, want):
-    bad = [(i, a, b) for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
-    assert not bad, f"{len(bad)} scores differ, first: {bad[:3]}"
+def _differ(got, want) -> list:
+    """(index, got, want) of every score that is not the same float; [] when all are."""
+    return [(i, a, b) for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
 
 
 def test_each_pair_alone_scores_as_in_the_full_call(reranker, pairs, reference):
-    _same([reranker.predict([p])[0] for p in pairs], reference)
+    assert not _differ([reranker.predict([p])[0] for p in pairs], reference)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -73,7 +73,7 @@ def test_permutations(reranker, pairs, reference, seed):
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     got = reranker.predict([pairs[i] for i in order])
-    _same(got, [reference[i] for i in order])
+    assert not _differ(got, [reference[i] for i in order])
 
 
 @pytest.mark.parametrize("seed", [4, 5])
@@ -81,19 +81,19 @@ def test_subsets_and_duplicates(reranker, pairs, reference, seed):
     rng = random.Random(seed)
     picked = rng.sample(range(len(pairs)), 9) + rng.choices(range(len(pairs)), k=6)  # 6 repeats
     got = reranker.predict([pairs[i] for i in picked])
-    _same(got, [reference[i] for i in picked])
+    assert not _differ(got, [reference[i] for i in picked])
 
 
 def test_neighbours_from_another_call_and_other_queries(reranker, pairs, reference):
     others = _pairs(30, seed=9, queries=3)
     got = reranker.predict(others[:17] + pairs + others[17:])
-    _same(got[17 : 17 + len(pairs)], reference)
+    assert not _differ(got[17 : 17 + len(pairs)], reference)
 
 
 def test_max_tokens_from_one_prompt_to_everything(reranker, pairs, reference):
     lengths = [len(s) for s in reranker.tokenize(pairs)]
     for max_tokens in (1, max(lengths), 2 * max(lengths) + 7, sum(lengths) // 3, sum(lengths)):
-        _same(reranker.predict(pairs, max_tokens=max_tokens), reference)
+        assert not _differ(reranker.predict(pairs, max_tokens=max_tokens), reference)
 
 
 def test_thread_counts(reranker, pairs, reference):
@@ -101,7 +101,7 @@ def test_thread_counts(reranker, pairs, reference):
     try:
         for threads in (1, 3, 4):
             torch.set_num_threads(threads)
-            _same(reranker.predict(pairs[::-1]), reference[::-1])
+            assert not _differ(reranker.predict(pairs[::-1]), reference[::-1])
     finally:
         torch.set_num_threads(before)
 
@@ -176,12 +176,12 @@ def test_real_model_scores_are_batch_invariant():
     reranker = Reranker(model, tokenizer, max_length=128, min_query_tokens=16)
     pairs = _pairs(6, seed=11)
     reference = reranker.predict(pairs)
-    _same([reranker.predict([p])[0] for p in pairs], reference)
-    _same(reranker.predict(pairs[::-1] + pairs[:1]), reference[::-1] + reference[:1])
+    assert not _differ([reranker.predict([p])[0] for p in pairs], reference)
+    assert not _differ(reranker.predict(pairs[::-1] + pairs[:1]), reference[::-1] + reference[:1])
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        _same(reranker.predict(pairs), reference)
+        assert not _differ(reranker.predict(pairs), reference)
     finally:
         torch.set_num_threads(before)
 

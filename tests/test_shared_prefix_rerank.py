@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from rerank_helpers import demo_tokenizer, export_tiny
-from test_batch_invariance import WORDS, _pairs, _same
+from test_batch_invariance import WORDS, _differ, _pairs
 
 from prorank_fast.rerank import Reranker
 from prorank_fast.scoring import RerankerScorer
@@ -107,7 +107,7 @@ def test_a_query_spanning_batches_reruns_its_prefix(reranker, counting):
     whole = reranker.predict(pairs, max_tokens=10**6)
     ids, prefix_lengths = reranker._prompts(pairs)
     counting.calls = counting.tokens = 0
-    _same(reranker.predict(pairs, max_tokens=3 * max(len(s) for s in ids)), whole)
+    assert not _differ(reranker.predict(pairs, max_tokens=3 * max(len(s) for s in ids)), whole)
     assert counting.calls >= 4 and counting.calls % 2 == 0  # prefix pass + rest pass per batch
     batches = counting.calls // 2
     assert counting.tokens == batches * prefix_lengths[0] + sum(len(s) - prefix_lengths[0] for s in ids)
@@ -115,7 +115,7 @@ def test_a_query_spanning_batches_reruns_its_prefix(reranker, counting):
 
 def test_score_token_ids_shares_given_prefixes(reranker, pairs, reference):
     ids, prefix_lengths = reranker._prompts(pairs)
-    _same(reranker.score_token_ids(ids, prefix_lengths=prefix_lengths), reference)
+    assert not _differ(reranker.score_token_ids(ids, prefix_lengths=prefix_lengths), reference)
     unshared = reranker.score_token_ids(ids)  # no prefix_lengths: nothing shared, duplicates still once
     assert max(abs(a - b) for a, b in zip(unshared, reference, strict=True)) <= 1e-5
     with pytest.raises(ValueError, match="3 prefix_lengths for"):
@@ -129,7 +129,7 @@ def test_a_given_scorer_shares_too_and_a_wrong_attention_is_an_error(reranker, p
     kwargs = dict(template=reranker.template, max_length=reranker.max_length, scorer=scorer,
                   min_query_tokens=reranker.min_query_tokens)  # fmt: skip
     given = Reranker(model, reranker.tokenizer, **kwargs)
-    _same(given.predict(pairs), reference)
+    assert not _differ(given.predict(pairs), reference)
     model.set_attn_implementation("sdpa")  # attention that ignores the shared prefix
     try:
         with pytest.raises(RuntimeError, match="shared_prefix=True: .*prorank_varlen"):
