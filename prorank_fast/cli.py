@@ -39,6 +39,13 @@ NO_SHARED_PREFIX_HELP = (
 )
 
 
+def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """The Reranker options that `eval` and `rank` share."""
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per packed batch (the reranker's default)")
+    parser.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false", help=NO_SHARED_PREFIX_HELP)
+    parser.add_argument("--batch-invariant", choices=["on", "off"], default=None, help=BATCH_INVARIANT_HELP)
+
+
 def _import_suite(name: str):
     checkout = Path(__file__).resolve().parent.parent
     if (checkout / "benchmarks" / "__init__.py").exists() and str(checkout) not in sys.path:
@@ -234,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--k", type=int, default=100, help="candidates reranked per query (default 100)")
     ev.add_argument("--split", default=None, help="qrels split (default: test; a datasets collection: its only one)")
     ev.add_argument("--output-dir", default=None, help="default: runs/eval/<data name>")
-    ev.add_argument("--max-tokens", type=int, default=None, help="tokens per packed batch (the reranker's default)")
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the reranker's choice)")
     ev.add_argument("--batch-size", type=int, default=1024, help="pairs per predict() call (default 1024)")
     ev.add_argument(
@@ -246,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ev.add_argument("--split-seed", type=int, default=0, help="the split's seed (data.split_seed, default 0)")
     ev.add_argument("--autocast", choices=["bfloat16"], default=None, help="run the decoder under bf16 autocast")
-    ev.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false", help=NO_SHARED_PREFIX_HELP)
-    ev.add_argument("--batch-invariant", choices=["on", "off"], default=None, help=BATCH_INVARIANT_HELP)
+    _add_scoring_options(ev)
     rk = sub.add_parser(
         "rank",
         help="score (query, document) pairs from a JSONL file with a model",
@@ -257,28 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     rk.add_argument("model", metavar="MODEL")
     rk.add_argument("--input", required=True, metavar="PAIRS.jsonl")
     rk.add_argument("--output", default=None, metavar="SCORES.jsonl", help="default: stdout")
-    rk.add_argument("--max-tokens", type=int, default=None, help="tokens per packed batch (the reranker's default)")
     rk.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     rk.add_argument("--instruction", default=None, help="instruction for every pair (default: the model's)")
     rk.add_argument("--normalize", action="store_true", help="sigmoid of the score (a probability)")
-    rk.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false", help=NO_SHARED_PREFIX_HELP)
-    rk.add_argument("--batch-invariant", choices=["on", "off"], default=None, help=BATCH_INVARIANT_HELP)
+    _add_scoring_options(rk)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "rank":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return _rank(args)
-    if args.command == "train":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return _train(args.items, dry_run=args.dry_run)
-    if args.command == "eval":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return _eval(args)
-    if args.command == "bench":
+    if args.command == "bench":  # the suite parses the rest
         result = _import_suite(args.suite).main(rest)
         return int(result or 0)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "rank":
+        return _rank(args)
+    if args.command == "train":
+        return _train(args.items, dry_run=args.dry_run)
+    if args.command == "eval":
+        return _eval(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

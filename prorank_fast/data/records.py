@@ -100,12 +100,18 @@ def type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def text_field(rec: dict, key: str, loc: Loc, *, optional: bool = False) -> str | None:
+def _present(rec: dict, key: str, loc: Loc, optional: bool) -> Any:
+    """``rec[key]``, or None when it is absent or null and optional; else a missing-field error."""
     value = rec.get(key)
-    if value is None:
-        if optional:
-            return None
+    if value is None and not optional:
         raise loc.error(key, "missing", "missing_field")
+    return value
+
+
+def text_field(rec: dict, key: str, loc: Loc, *, optional: bool = False) -> str | None:
+    value = _present(rec, key, loc, optional)
+    if value is None:
+        return None
     if not isinstance(value, str):
         raise loc.error(key, f"expected a string, got {type_name(value)}", "wrong_type")
     if not value.strip():
@@ -114,11 +120,9 @@ def text_field(rec: dict, key: str, loc: Loc, *, optional: bool = False) -> str 
 
 
 def texts_field(rec: dict, key: str, loc: Loc, *, optional: bool = False) -> list[str] | None:
-    value = rec.get(key)
+    value = _present(rec, key, loc, optional)
     if value is None:
-        if optional:
-            return None
-        raise loc.error(key, "missing", "missing_field")
+        return None
     if not isinstance(value, list | tuple):
         raise loc.error(key, f"expected a list of strings, got {type_name(value)}", "wrong_type")
     for i, item in enumerate(value):
@@ -142,11 +146,9 @@ def number_field(value: Any, key: str, loc: Loc) -> float:
 
 
 def numbers_field(rec: dict, key: str, loc: Loc, *, optional: bool = False) -> list[float] | None:
-    value = rec.get(key)
+    value = _present(rec, key, loc, optional)
     if value is None:
-        if optional:
-            return None
-        raise loc.error(key, "missing", "missing_field")
+        return None
     if not isinstance(value, list | tuple):
         raise loc.error(key, f"expected a list of numbers, got {type_name(value)}", "bad_label")
     return [number_field(v, f"{key}[{i}]", loc) for i, v in enumerate(value)]
