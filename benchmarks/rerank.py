@@ -12,6 +12,9 @@ what ``prorank-fast train`` writes to ``final/``) and score the same (query, doc
                       of each prompt through the two output-set rows of the LM head only
 * ours_unshared       the same with ``shared_prefix=False``: every prompt runs whole
 * ours_not_invariant  the same with ``batch_invariant=False``: library GEMMs over the whole packed batch
+* ours_exact          the defaults plus ``exact_shared_prefix=True``: attention on fixed blocks as well
+* ours_exact_unshared that with ``shared_prefix=False``; its score difference is to ours_exact (0: the
+                      shared prefix and whole prompts give the same bits)
 * st                  ``CrossEncoder(folder).predict(pairs, batch_size=32)``: pairs sorted by length, the
                       chat template rendered and tokenized per batch of 32, padded, sdpa with an attention
                       mask, logits of the last position over the whole vocabulary (``logits_to_keep=1``),
@@ -75,18 +78,23 @@ from prorank_fast.rerank import Reranker
 from . import _common as C
 from . import harness as H
 
-VARIANTS = ("ours", "ours_unshared", "ours_not_invariant", "st")
+VARIANTS = ("ours", "ours_unshared", "ours_not_invariant", "ours_exact", "ours_exact_unshared", "st")
 LABELS = {
     "ours": "ours: Reranker.predict (shared prefix, batch-invariant; the defaults)",
     "ours_unshared": "ours, shared_prefix=False (batch-invariant)",
     "ours_not_invariant": "ours, batch_invariant=False (shared prefix)",
+    "ours_exact": "ours, exact_shared_prefix=True (shared prefix, fixed-block attention)",
+    "ours_exact_unshared": "ours, exact_shared_prefix=True, shared_prefix=False (diff: to the row above)",
     "st": "sentence-transformers CrossEncoder.predict",
 }
 OURS_SETTINGS = {  # Reranker keyword arguments of each of our rows
     "ours": {},
     "ours_unshared": {"shared_prefix": False},
     "ours_not_invariant": {"batch_invariant": False},
+    "ours_exact": {"exact_shared_prefix": True},
+    "ours_exact_unshared": {"exact_shared_prefix": True, "shared_prefix": False},
 }
+DIFF_REFERENCE = {"ours_exact_unshared": "ours_exact"}  # the "max |score - ours|" column's row, if not ours
 GROUP = "cpu-rerank"
 SPEEDUP_TARGET = 2.0  # ours / st, documents/s
 SCORE_ATOL = 5e-5  # the rows score the same pairs (fp32)
@@ -302,11 +310,12 @@ def max_diff(a, b) -> float:
 
 def compare(results: dict, runners: dict) -> None:
     """Fill each result's largest score difference to ours and to CrossEncoder (rows that ran)."""
-    ours, st = runners.get("ours"), runners.get("st")
+    st = runners.get("st")
     for variant, result in results.items():
         scores = runners[variant].scores
-        if ours is not None and variant != "ours":
-            result.max_score_diff = max_diff(scores, ours.scores)
+        reference = runners.get(DIFF_REFERENCE.get(variant, "ours"))
+        if reference is not None and variant != "ours":
+            result.max_score_diff = max_diff(scores, reference.scores)
         if st is not None and variant != "st":
             result.max_diff_vs_st = max_diff(scores, st.scores)
 
@@ -432,6 +441,8 @@ REAL_LABELS = {
     "ours": "ours: Reranker.from_pretrained(folder) (shared prefix, batch-invariant), fp32",
     "ours_unshared": "ours, shared_prefix=False (batch-invariant), fp32",
     "ours_not_invariant": "ours, batch_invariant=False (shared prefix), fp32",
+    "ours_exact": "ours, exact_shared_prefix=True (shared prefix, fixed-block attention), fp32",
+    "ours_exact_unshared": "ours, exact_shared_prefix=True, shared_prefix=False, fp32 (diff: to the row above)",
     "st": "sentence-transformers CrossEncoder(folder).predict, fp32",
     "ours_bf16_autocast": "ours, decoder under bf16 autocast (enable_autocast)",
     "ours_bf16_weights": "ours: Reranker.from_pretrained(folder, dtype=bfloat16)",

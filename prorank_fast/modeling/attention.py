@@ -12,7 +12,8 @@ causal attention within each sequence, on the first backend that applies:
 2. ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; its signature changed across
    torch releases -- ``is_causal=`` in 2.10, ``window_size=``/``enable_gqa=`` later -- so it is
    inspected once);
-3. SDPA once per sequence (CPU, fp32 anywhere).
+3. SDPA once per sequence (CPU, fp32 anywhere); within `override_cpu_attention` (scoring
+   with batch invariance) a fixed-block attention on CPU instead.
 
 `set_varlen_backend` forces one (tests, benchmarks, or to route around a broken fast path);
 the environment variable PRORANK_VARLEN_BACKEND sets the initial choice.
@@ -25,11 +26,13 @@ causal SDPA over each row (lower-right aligned when a KV cache makes keys longer
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -41,6 +44,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "get_varlen_backend",
+    "override_cpu_attention",
     "register",
     "resolve_backend",
     "set_varlen_backend",
@@ -296,6 +300,25 @@ def _sdpa_per_sequence(
     return out.squeeze(0).transpose(0, 1).contiguous()
 
 
+# A function with _sdpa_per_sequence's signature that replaces it on CPU within a block
+# (modeling.invariant's fixed-block attention). Set from above, so this module imports nothing
+# of the layers that use it.
+_cpu_attention_override: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "prorank_cpu_attention_override", default=None
+)
+
+
+@contextlib.contextmanager
+def override_cpu_attention(fn: Callable) -> Iterator[None]:
+    """Within the block, CPU varlen attention (the SDPA backend) runs ``fn(q, k, v, cu_q, cu_k,
+    scale, causal)`` instead of SDPA once per sequence."""
+    token = _cpu_attention_override.set(fn)
+    try:
+        yield
+    finally:
+        _cpu_attention_override.reset(token)
+
+
 def _bottom_right_masks(sizes_q: list[int], sizes_k: list[int], device) -> list[torch.Tensor | None]:
     """Per sequence: None where queries and keys have one length (plain causal), else the causal
     mask with its diagonal aligned bottom-right (query i sits at key position lk - lq + i)."""
@@ -327,6 +350,9 @@ def varlen_attention(
     """
     backend = backend or resolve_backend(q.device, q.dtype)
     if backend == "sdpa":
+        override = _cpu_attention_override.get()
+        if override is not None and q.device.type == "cpu":
+            return override(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
         return _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
     if cu_seqlens_q.dtype != torch.int32:
         cu_seqlens_q = cu_seqlens_q.to(torch.int32)
