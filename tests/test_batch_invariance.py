@@ -184,6 +184,25 @@ def test_blocked_attention_is_attention(causal, heads):
     assert (got - want).abs().max() <= 2e-6
 
 
+def test_blocked_attention_in_bf16_and_under_autocast():
+    """bf16 in, bf16 out, accumulated in fp32 (also under CPU autocast): as close to the fp32
+    result as rounding the inputs allows, and closer than SDPA in bf16."""
+    from prorank_fast.modeling.attention import _sdpa_per_sequence
+    from prorank_fast.modeling.invariant import blocked_attention
+
+    q, cu = _packed([150, 300], 9)
+    k, _ = _packed([150, 300], 3, seed=1)
+    v, _ = _packed([150, 300], 3, seed=2)
+    exact = _sdpa_per_sequence(*(x.bfloat16().double() for x in (q, k, v)), cu, cu, None, True)
+    half = [x.bfloat16() for x in (q, k, v)]
+    got = blocked_attention(*half, cu, cu, None, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(blocked_attention(*half, cu, cu, None, True), got)
+    assert got.dtype == torch.bfloat16
+    sdpa_error = (_sdpa_per_sequence(*half, cu, cu, None, True).double() - exact).abs().max()
+    assert (got.double() - exact).abs().max() <= sdpa_error
+
+
 def test_blocked_attention_rows_depend_on_their_own_keys_only():
     """A document's rows after a cached prefix, the prefix's rows alone, each sequence alone and
     the packed call, at 1, 2 and 3 threads: the same bits (what shared-prefix reranking relies on)."""

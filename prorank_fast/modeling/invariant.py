@@ -198,7 +198,15 @@ def blocked_attention(
     column of ones), exp on SIMD-only tiles. A block that a row may not see adds exactly zero
     and rescales by exactly one, so a row's result is the same whatever follows its last visible
     key: the same bits for a prompt run whole and for its document run after the cached prefix.
+    Computed in fp32 (autocast off: the softmax accumulates across blocks), returned in q's dtype.
     """
+    with torch.autocast(q.device.type, enabled=False):
+        out = _blocked_attention_fp32(q.float(), k.float(), v.float(), cu_q, cu_k, scale, causal)
+    return out.to(q.dtype)
+
+
+def _blocked_attention_fp32(q, k, v, cu_q, cu_k, scale, causal) -> torch.Tensor:
+    """blocked_attention on fp32 inputs with autocast off."""
     device = q.device
     hq, hkv, dim = q.shape[1], k.shape[1], q.shape[2]
     rep = hq // hkv
