@@ -195,7 +195,7 @@ def blocked_attention(
     (zero-padded; the ``rep`` query heads of one KV head stacked, so a tile is [rep * _BLOCK, D])
     and reads its keys in blocks of ``_BLOCK`` from its first key. Every GEMM has one shape; the
     softmax is accumulated block by block (online), its denominator by the values' GEMM (a
-    column of ones), exp on SIMD-only tiles. A block that a row may not see adds exactly zero
+    column of ones), exp at lengths ATen runs on SIMD only. A block a row may not see adds exactly zero
     and rescales by exactly one, so a row's result is the same whatever follows its last visible
     key: the same bits for a prompt run whole and for its document run after the cached prefix.
     Computed in fp32 (autocast off: the softmax accumulates across blocks), returned in q's dtype.
