@@ -1,8 +1,8 @@
 """prorank-fast: train small causal LMs into document rerankers (ProRank), fast.
 
 The top-level ``kernels/`` folder is installed as ``prorank_fast.kernels``: PyPI has an
-unrelated ``kernels`` package that transformers probes for, so nothing here may be
-importable as a top-level ``kernels``.
+unrelated ``kernels`` package that transformers imports, so nothing here may be importable
+as a top-level ``kernels`` (kernels/__init__.py stands aside under that name; README, Layout).
 """
 
 from setuptools import find_packages, setup

@@ -215,7 +215,7 @@ def _rank(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prorank-fast", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
     train = sub.add_parser(
         "train",
         help="train a reranker (no recipe: the embedded tiny CPU demo)",
@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     rk.add_argument("--normalize", action="store_true", help="sigmoid of the score (a probability)")
     _add_scoring_options(rk)
     args, rest = parser.parse_known_args(argv)
+    if args.command is None:  # bare `prorank-fast`: what it can do, not an argparse error
+        parser.print_help()
+        return 0
     if args.command == "bench":  # the suite parses the rest
         result = _import_suite(args.suite).main(rest)
         return int(result or 0)
