@@ -115,7 +115,7 @@ def _train(items: list[str], *, dry_run: bool) -> int:
     print(f"held out: {table.get('queries')} queries{pairs}")
     for key, value in table.items():
         if key not in ("queries", "pairs") and value is not None:
-            print(f"  {key:<30} {value:.4f}")
+            print(f"  {key:<30} {value if isinstance(value, str) else f'{value:.4f}'}")
     print(f"wall time {summary['wall_time_s']:.0f} s; summary: {recipe.train.output_dir}/summary.json")
     return 0
 
@@ -168,7 +168,10 @@ def _eval(args: argparse.Namespace) -> int:
     def score_fn(pairs):
         return reranker.predict(pairs, show_progress_bar=False)  # one bar, rerank_run's, over all batches
 
-    info = {"model": args.model, "data": args.data, "split": args.split, "argv": sys.argv[1:]}
+    from .modeling import numeric_mode
+
+    mode = numeric_mode(reranker.model.dtype, args.autocast)
+    info = {"model": args.model, "data": args.data, "split": args.split, "numeric_mode": mode, "argv": sys.argv[1:]}
     try:
         report = evaluate_reranker(
             score_fn, data, first, k=args.k, out_dir=out, first_stage_name=first_name, run_source=source,
@@ -180,6 +183,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"warning: {line}", file=sys.stderr)
     c = report["collection"]
     print(f"{c['source']}: {c['queries']} queries, {c['documents']} documents; top {args.k} of {source} reranked")
+    print(f"numeric mode: {mode}")
     print(format_metrics_table(report["metrics"]))
     if report["skipped"]:
         print("skipped: " + json.dumps(report["skipped"]))

@@ -12,6 +12,7 @@ import torch
 from .config import Recipe
 from .io import atomic_write_text
 from .loop import set_seed, setup_distributed
+from .modeling import numeric_mode
 from .stages import initial_model, load_exported, prepare, run_stage1, run_stage2
 
 
@@ -42,7 +43,7 @@ def train(recipe: Recipe) -> dict:
             summary["ndcg@10_stage2_alone"] = alone.get("ndcg@10_after")
         prep.model = load_exported(cfg, Path(stage1["final_model"]), d)
     summary.update(run_stage2(cfg, prep, prep.model, d, out))
-    summary["held_out"] = held_out_table(summary, alone)
+    summary["held_out"] = held_out_table(summary, alone, numeric_mode(cfg.model.dtype, cfg.model.autocast))
     summary["wall_time_s"] = time.time() - t_start
     if d.main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -50,10 +51,11 @@ def train(recipe: Recipe) -> dict:
     return summary
 
 
-def held_out_table(summary: dict, alone: dict | None) -> dict:
+def held_out_table(summary: dict, alone: dict | None, mode: str) -> dict:
     """The run's held-out figures side by side (None where the run did not measure one): greedy
     valid-format rate and accuracy zero-shot and after stage 1; nDCG@10 of BM25, the zero-shot
-    model (score z["1"] - z["0"] without training), stage 1, stage 1 + stage 2, stage 2 alone."""
+    model (score z["1"] - z["0"] without training), stage 1, stage 1 + stage 2, stage 2 alone;
+    the numeric mode every model figure was computed in."""
     s1 = summary.get("stage1") or {}
     chained = s1 != {}
     zero_shot = alone.get("ndcg@10_before") if alone else (None if chained else summary.get("ndcg@10_before"))
@@ -70,4 +72,5 @@ def held_out_table(summary: dict, alone: dict | None) -> dict:
         "ndcg@10_stage1": summary.get("ndcg@10_before") if chained else None,
         "ndcg@10_stage1_stage2": summary.get("ndcg@10_after") if chained else None,
         "ndcg@10_stage2_alone": alone_after,
+        "numeric_mode": mode,
     }

@@ -16,9 +16,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from import_probe import ROOT, check_records, probe_env
+
 # The suite lives in the checkout's benchmarks/ (not installed); run it as `python -m` from the root.
 
 
@@ -28,10 +28,11 @@ def test_gpu_suite_smoke(tmp_path):
         variants += ",compile"
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env = probe_env(env, tmp_path / "imports")  # the root on PYTHONPATH, and what `import kernels` gives
     cmd = [sys.executable, "-m", "benchmarks.gpu_suite", "--smoke", "--variants", variants, "--out-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_records(tmp_path / "imports", processes=3)  # the suite, its kernels part, its models part
     out = proc.stdout
     assert "## Targets" in out and "## a. Measured peaks" in out
     assert out.rindex("[gpu_suite") < out.index("# prorank-fast GPU suite"), "the report must be printed last"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from import_probe import ROOT, check_records, probe_env
 from safetensors.torch import load_file
 
 # A small, fast variant of the embedded default: fewer demo queries, no evaluation, stage 2 only.
@@ -74,6 +76,38 @@ def test_embedded_default_improves_ndcg(tmp_path):
     assert (out / "final" / "tokenizer.json").exists()
 
 
+def _trec_scores(path: Path) -> list[tuple[str, str, str, str]]:
+    """(qid, docid, rank, score as written: repr, so equal strings are equal floats) per line."""
+    return [tuple(line.split()[:1] + line.split()[2:5]) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("autocast", [None, "bfloat16"], ids=["fp32", "bf16-autocast"])
+def test_unchanged_weights_score_alike_before_after_and_in_eval(tmp_path, autocast):
+    """One evaluation wherever it runs: a stage-2 step at lr 1e-30 leaves the weights as they were,
+    so the held-out scores before it, after it, and `prorank-fast eval` of the export in the same
+    numeric mode are the same floats, pair by pair (fp32 and under bf16 autocast)."""
+    out = tmp_path / "run"
+    mode = [f"model.autocast={autocast}"] if autocast else []
+    _train(out, "stage1.enabled=false", "data.demo_queries=40", "stage2.max_steps=1", "stage2.lr=1e-30",
+           "stage2.checkpoint_every=0", *mode)  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ndcg@10_before"] == summary["ndcg@10_after"], summary
+    assert summary["held_out"]["numeric_mode"] == "float32" + (", bfloat16 autocast" if autocast else "")
+    before = _trec_scores(out / "held_out_before.trec")
+    assert summary["eval_queries"] < len(before) <= summary["eval_queries"] * 30, len(before)  # BM25's top 30
+    assert _trec_scores(out / "held_out_after.trec") == before
+
+    evaluated = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "prorank_fast.cli", "eval", str(out / "final"), "--data", str(out / "demo" / "eval"),
+           "--k", "30", "--output-dir", str(evaluated), *(["--autocast", autocast] if autocast else [])]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"numeric mode: {summary['held_out']['numeric_mode']}" in proc.stdout
+    assert _trec_scores(evaluated / "reranker.trec") == before
+    metrics = json.loads((evaluated / "metrics.json").read_text())["metrics"]
+    assert metrics["reranker"]["nDCG@10"] == summary["ndcg@10_after"]
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     steps = ["stage2.max_steps=8", "stage2.checkpoint_every=2", *SMALL]
     full = tmp_path / "full"
@@ -111,18 +145,22 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
 def test_fsdp_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, FSDP2) and one process with twice the accumulation
-    see the same micro-batches per step and must log the same losses."""
+    see the same micro-batches per step and must log the same losses. The README's launcher, run
+    from the checkout's root: its launcher and both workers import Hugging Face's `kernels`."""
     common = ["stage2.max_steps=5", "stage2.checkpoint_every=0", *SMALL]
     one = tmp_path / "one"
     _train(one, "train.grad_accum=2", *common)
 
     two = tmp_path / "two"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        torchrun, "--standalone", "--nproc_per_node", "2",
         "-m", "prorank_fast.cli", "train", f"output_dir={two}", "train.grad_accum=1", *common,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    env = probe_env(_env(), tmp_path / "imports")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_records(tmp_path / "imports", processes=3, imported_by_run=True)
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
     a, b = _weights(one), _weights(two)

@@ -4,7 +4,8 @@ attention.py     varlen attention registered with transformers ("prorank_varlen"
 shared_prefix.py SharedPrefix: keys/values computed once, attended to by later packed passes
 invariant.py     batch_invariant_linears: a model's linears on fixed row tiles (bitwise batch invariance);
                  blocked_attention: CPU attention on fixed blocks (shared prefix == whole prompt)
-model.py         load_model / load_tokenizer / build_tiny_model / enable_autocast; backbone() and lm_head_weight()
+model.py         load_model / load_tokenizer / build_tiny_model / enable_autocast / numeric_mode; backbone() and
+                 lm_head_weight()
 sources.py       where weights come from: hub id, folder, GGUF file or pkg:<package>/<file.gguf>
 """
 
@@ -20,6 +21,7 @@ from .model import (
     lm_head_weight,
     load_model,
     load_tokenizer,
+    numeric_mode,
     resolve_dtype,
 )
 from .shared_prefix import SharedPrefix
@@ -38,6 +40,7 @@ __all__ = [
     "lm_head_weight",
     "load_model",
     "load_tokenizer",
+    "numeric_mode",
     "resolve_backend",
     "resolve_dtype",
     "set_varlen_backend",

@@ -275,6 +275,13 @@ def enable_autocast(model: torch.nn.Module, dtype: torch.dtype) -> None:
     decoder.register_forward_hook(leave, with_kwargs=True, always_call=True)
 
 
+def numeric_mode(dtype: str | torch.dtype, autocast: str | torch.dtype | None) -> str:
+    """How a model's scores were computed, as the tables print it: "float32" or "float32, bfloat16
+    autocast". Two figures compare bit for bit only in the same mode."""
+    name = str(resolve_dtype(dtype)).removeprefix("torch.")
+    return name + (f", {str(resolve_dtype(autocast)).removeprefix('torch.')} autocast" if autocast else "")
+
+
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder of a *ForCausalLM (model.model for Qwen2/Llama): returns last hidden states
     [B, T, H] (`.last_hidden_state`) without computing logits."""

@@ -45,9 +45,13 @@ def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
         postfix=("loss", "lr", "tokens_per_s", "held_out_ndcg@10"), evaluate_every=s2.eval_every,
         evaluate=lambda: {"held_out_ndcg@10": held_out_ndcg(model, prep, cfg, d).get("ndcg@10")},
     )  # fmt: skip
-    result = run_loop(model, step_fn, settings, tcfg, d, lambda: {"eval_before": held_out_ndcg(model, prep, cfg, d)})
+
+    def before() -> dict:
+        return {"eval_before": held_out_ndcg(model, prep, cfg, d, out / "held_out_before.trec")}
+
+    result = run_loop(model, step_fn, settings, tcfg, d, before)
     eval_before = result["state"]["eval_before"]
-    eval_after = held_out_ndcg(model, prep, cfg, d)
+    eval_after = held_out_ndcg(model, prep, cfg, d, out / "held_out_after.trec")
     export_model(
         model, prep.model, prep.tokenizer, out / "final", cfg, prep.output_ids, prep.token_weights, is_main=d.main
     )

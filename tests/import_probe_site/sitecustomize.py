@@ -1,4 +1,4 @@
-"""Put on PYTHONPATH by tests/test_entry_points.py: every Python process of an entry point (a
+"""Put on PYTHONPATH by tests/import_probe.py: every Python process of an entry point (a
 torchrun worker or a suite's child process too) records, as it exits, what `import kernels`
 resolves to from its own sys.path and whether transformers' model classes import, in
 $PRORANK_IMPORT_PROBE/<pid>.json.
