@@ -283,12 +283,25 @@ def test_stage1_bad_label_names_file_line_and_field(tmp_path):
     ],
 )
 def test_bad_overrides_fail_before_any_work(tmp_path, overrides, message):
+    """In process (main() raises the SystemExit whose message the interpreter prints);
+    test_bad_override_through_the_cli runs one case as users do."""
+    from prorank_fast.cli import main
+
     out = tmp_path / "bad"
-    cmd = [sys.executable, "-m", "prorank_fast.cli", "train", f"output_dir={out}", *overrides]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", f"output_dir={out}", *overrides])
+    assert message in str(exit_info.value.code), exit_info.value.code
     assert not out.exists(), "nothing may be written for a recipe that does not validate"
+
+
+def test_bad_override_through_the_cli(tmp_path):
+    out = tmp_path / "bad"
+    cmd = [sys.executable, "-m", "prorank_fast.cli", "train", f"output_dir={out}", "stage2.lr=-1"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("stage2.lr must be > 0, got -1.0"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
 
 
 def test_bad_training_record_names_file_line_and_field(tmp_path):
