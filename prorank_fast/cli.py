@@ -112,10 +112,17 @@ def _train(items: list[str], *, dry_run: bool) -> int:
         raise SystemExit(f"prorank-fast train: {exc}") from exc
     table = summary.get("held_out", {})
     pairs = f", {table['pairs']} balanced stage-1 pairs" if table.get("pairs") else ""
-    print(f"held out: {table.get('queries')} queries{pairs}")
+    collections = table.get("collections") or {}
+    mean = f" in {len(collections)} collections (nDCG@10: their mean)" if collections else ""
+    print(f"held out: {table.get('queries')} queries{pairs}{mean}")
     for key, value in table.items():
-        if key not in ("queries", "pairs") and value is not None:
+        if key not in ("queries", "pairs", "collections") and value is not None:
             print(f"  {key:<30} {value if isinstance(value, str) else f'{value:.4f}'}")
+    for name, rows in collections.items():
+        print(f"{name}: {rows['queries']} held-out queries")
+        for key, value in rows.items():
+            if key != "queries" and value is not None:
+                print(f"  {key:<30} {value:.4f}")
     print(f"wall time {summary['wall_time_s']:.0f} s; summary: {recipe.train.output_dir}/summary.json")
     return 0
 

@@ -66,8 +66,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # demo | file.jsonl | file.parquet | BEIR folder | hf:<datasets name>[:split]
-    train: str = "demo"
+    # demo | file.jsonl | file.parquet | BEIR folder | hf:<datasets name>[:split]; with data.held_out,
+    # a list of BEIR folders: each split by query id, negatives mined within it, groups interleaved
+    train: str | tuple[str, ...] = "demo"
     # Held-out evaluation in BEIR form (folder or "demo"); None skips nDCG.
     eval: str | None = "demo"
     format: str = "auto"  # auto | groups | pointwise | columns | beir
@@ -230,6 +231,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        if isinstance(value, str) and value.strip().startswith("["):  # `key=[a, b]`: the list option first
+            options = sorted(options, key=lambda o: typing.get_origin(o) is not tuple)
         errors = []
         for option in options:
             if option is type(None):
@@ -396,6 +399,16 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: data.group_size must be >= 2 for stage2.loss={s.loss}")
     if d.negatives_depth < 1:
         raise RecipeError(f"{where}: data.negatives_depth must be >= 1")
+    if isinstance(d.train, tuple):
+        if not d.train:
+            raise RecipeError(f"{where}: data.train is an empty list")
+        if len(d.train) == 1:
+            d.train = d.train[0]
+        elif d.held_out is None:
+            raise RecipeError(
+                f"{where}: data.train lists {len(d.train)} collections: set data.held_out (each BEIR folder is split "
+                "by query id, its held-out queries evaluated on their own)"
+            )
     if d.min_query_tokens < 1 or d.min_query_tokens >= d.max_length:
         raise RecipeError(f"{where}: data.min_query_tokens must be in [1, data.max_length)")
     if not 0 <= s.warmup_ratio < 1:

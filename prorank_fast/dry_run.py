@@ -61,7 +61,9 @@ def _tokenizer_check(recipe: Recipe) -> dict:
     return {"tokenizer": str(path), "output_token_ids": list(ids)}
 
 
-def _data_check(spec: str | None) -> str:
+def _data_check(spec: str | tuple[str, ...] | None) -> str:
+    if isinstance(spec, tuple):  # several collections (data.held_out splits each)
+        return "; ".join(_data_check(one) for one in spec)
     if spec is None:
         return "none"
     if spec == "demo":

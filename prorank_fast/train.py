@@ -54,23 +54,48 @@ def train(recipe: Recipe) -> dict:
 def held_out_table(summary: dict, alone: dict | None, mode: str) -> dict:
     """The run's held-out figures side by side (None where the run did not measure one): greedy
     valid-format rate and accuracy zero-shot and after stage 1; nDCG@10 of BM25, the zero-shot
-    model (score z["1"] - z["0"] without training), stage 1, stage 1 + stage 2, stage 2 alone;
-    the numeric mode every model figure was computed in."""
+    model (score z["1"] - z["0"] without training), stage 1, stage 1 + stage 2, stage 2 alone
+    (means over collections), each collection's under `collections` when there are several; the
+    numeric mode every model figure was computed in."""
     s1 = summary.get("stage1") or {}
-    chained = s1 != {}
-    zero_shot = alone.get("ndcg@10_before") if alone else (None if chained else summary.get("ndcg@10_before"))
-    alone_after = alone.get("ndcg@10_after") if alone else (None if chained else summary.get("ndcg@10_after"))
-    return {
+    table = {
         "queries": summary.get("eval_queries"),
         "pairs": s1.get("eval_pairs"),
         "valid_format_rate_zero_shot": s1.get("valid_format_rate_before"),
         "accuracy_zero_shot": s1.get("accuracy_before"),
         "valid_format_rate_stage1": s1.get("valid_format_rate_after"),
         "accuracy_stage1": s1.get("accuracy_after"),
-        "ndcg@10_bm25": summary.get("bm25_ndcg@10"),
-        "ndcg@10_zero_shot": zero_shot,
-        "ndcg@10_stage1": summary.get("ndcg@10_before") if chained else None,
-        "ndcg@10_stage1_stage2": summary.get("ndcg@10_after") if chained else None,
-        "ndcg@10_stage2_alone": alone_after,
+        **_ndcg_rows(summary, alone, chained=s1 != {}, name=None),
         "numeric_mode": mode,
+    }
+    collections = summary.get("held_out_collections_after") or {}
+    if len(collections) > 1:
+        table["collections"] = {
+            name: {"queries": c["queries"], **_ndcg_rows(summary, alone, chained=s1 != {}, name=name)}
+            for name, c in collections.items()
+        }
+    return table
+
+
+def _ndcg_rows(summary: dict, alone: dict | None, *, chained: bool, name: str | None) -> dict:
+    """nDCG@10 rows of held_out_table: the means (name None) or one collection's. In a chained run,
+    stage 2's "before" is the stage-1 model and the zero-shot model is stage 2 alone's "before"."""
+
+    def pick(result: dict | None, when: str) -> float | None:
+        if not result:
+            return None
+        if name is None:
+            return result.get("bm25_ndcg@10" if when == "bm25" else f"ndcg@10_{when}")
+        entry = (result.get("held_out_collections_after" if when == "bm25" else f"held_out_collections_{when}")
+                 or {}).get(name) or {}  # fmt: skip
+        return entry.get("bm25_ndcg@10" if when == "bm25" else "ndcg@10")
+
+    zero_shot = pick(alone, "before") if alone else (None if chained else pick(summary, "before"))
+    alone_after = pick(alone, "after") if alone else (None if chained else pick(summary, "after"))
+    return {
+        "ndcg@10_bm25": pick(summary, "bm25"),
+        "ndcg@10_zero_shot": zero_shot,
+        "ndcg@10_stage1": pick(summary, "before") if chained else None,
+        "ndcg@10_stage1_stage2": pick(summary, "after") if chained else None,
+        "ndcg@10_stage2_alone": alone_after,
     }

@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from prorank_fast import cli
 from prorank_fast.evaluation import (
@@ -247,6 +248,7 @@ class _FakeReranker:
     that the reranked order is not the first stage's."""
 
     loaded: list = []
+    model = types.SimpleNamespace(dtype=torch.float32)  # what the CLI reads the numeric mode from
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):

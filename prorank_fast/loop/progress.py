@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def progress_bar(d, start: int, total: int, desc: str = "stage 2", keys=("loss",
 # panels of curves.png, drawn for the keys a run's metrics.jsonl has (stage 1 logs the GRPO ones)
 PLOT_PANELS = (
     ("loss", ("loss",)),
-    ("held-out nDCG@10", ("held_out_ndcg@10",)),
+    ("held-out nDCG@10", ("held_out_ndcg@10", "held_out_ndcg@10/*")),  # the mean, then each collection
     ("learning rate", ("lr",)),
     ("reward", ("reward", "reward_format", "reward_correctness", "reward_graded_format", "reward_parsed_correctness")),
     ("valid format rate", ("valid_format_rate", "format_exact", "format_first", "format_anywhere")),
@@ -80,8 +81,8 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     if not rows:
         return
     steps = [r["step"] for r in rows]
-    present = {k for r in rows for k in r}
-    panels = [(title, [k for k in keys if k in present]) for title, keys in PLOT_PANELS]
+    present = sorted({k for r in rows for k in r})
+    panels = [(title, [k for pattern in keys for k in fnmatch.filter(present, pattern)]) for title, keys in PLOT_PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
     cols = min(4, len(panels))
     n_rows = -(-len(panels) // cols)

@@ -1,7 +1,8 @@
-"""One BEIR collection, split by query id into training and held-out queries (`data.held_out`):
-stage-2 groups and stage-1 pairs come from the training queries' judgements with negatives
-mined from BM25's top `data.negatives_depth` (minus the judged relevant); evaluation reranks
-BM25's top `data.eval_first_stage_k` of the held-out queries only. No query is on both sides."""
+"""BEIR collections, each split by query id into training and held-out queries (`data.held_out`;
+`data.train` one folder or a list): stage-2 groups and stage-1 pairs come from the training
+queries' judgements with negatives mined from BM25's top `data.negatives_depth` (minus the judged
+relevant) within the same collection; evaluation reranks BM25's top `data.eval_first_stage_k` of
+the held-out queries only, collection by collection. No query is on both sides."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..evaluation import bm25_first_stage
 class SplitCollection:
     """What a split collection gives the stages."""
 
+    name: str  # the folder's name (unique among data.train's): how tables and files name it
     collection: BeirData
     train_ids: list[str]
     held_out_ids: list[str]
@@ -40,10 +42,30 @@ def same_collection(a: str | None, b: str | None) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def split_collection(cfg: Recipe) -> SplitCollection:
-    """Split data.train (a BEIR folder, `folder[:split]`) by data.held_out and mine its examples."""
+def train_specs(cfg: Recipe) -> list[str]:
+    """data.train as a list (one spec, or the collections a split trains on)."""
+    return [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train)
+
+
+def split_collections(cfg: Recipe) -> list[SplitCollection]:
+    """split_collection of every folder in data.train, named by the folder (with its position where two
+    folders share a name)."""
+    specs = train_specs(cfg)
+    if len(specs) > 1 and cfg.data.eval is not None:
+        raise RecipeError(
+            f"data.train lists {len(specs)} collections, each split by data.held_out: data.eval must be null, "
+            f"got {cfg.data.eval!r}"
+        )
+    names = [split_folder_spec(spec)[0].name or "collection" for spec in specs]
+    names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+    return [split_collection(cfg, spec, name) for spec, name in zip(specs, names, strict=True)]
+
+
+def split_collection(cfg: Recipe, spec: str | None = None, name: str | None = None) -> SplitCollection:
+    """Split one BEIR folder (`folder[:split]`; default data.train) by data.held_out and mine its
+    examples within it."""
     d = cfg.data
-    spec = d.train
+    spec = spec if spec is not None else train_specs(cfg)[0]
     path, qrels_split = split_folder_spec(spec)
     folder = str(path)
     if d.eval is not None and not same_collection(d.eval, spec):
@@ -68,8 +90,8 @@ def split_collection(cfg: Recipe) -> SplitCollection:
     eval_run = {q: dict(list(run[q].items())[: d.eval_first_stage_k]) for q in held_out_ids}
     skipped = {**{f"groups_{k}": v for k, v in skipped.items()}, **{f"pairs_{k}": v for k, v in skipped_pairs.items()}}
     return SplitCollection(
-        collection, train_ids, held_out_ids, groups, pairs, held_out_pairs, collection.subset(held_out_ids), eval_run,
-        skipped,
+        name or path.name, collection, train_ids, held_out_ids, groups, pairs, held_out_pairs,
+        collection.subset(held_out_ids), eval_run, skipped,
     )  # fmt: skip
 
 

@@ -28,9 +28,11 @@ def score_held_out_pairs(model, prep: Prepared, cfg: Recipe, pairs: list[tuple[s
 
 
 def held_out_ndcg(model, prep: Prepared, cfg: Recipe, d, run_file: Path | None = None) -> dict:
-    """nDCG@10 of the model reranking BM25's top-k, next to BM25's own; with `run_file`, the
-    reranked run is also written there (TREC, scores exact), by the main process."""
-    if prep.eval_data is None:
+    """nDCG@10 of the model reranking BM25's top-k of each collection's held-out queries, next to
+    BM25's own: `ndcg@10` and `bm25_ndcg@10` are the means over collections, `collections` has each
+    one's. With `run_file`, the reranked runs are also written (TREC, scores exact) by the main
+    process: there for one collection, with the collection's name before the suffix for several."""
+    if not prep.held_out:
         return {}
     was_training = model.training
     model.eval()
@@ -38,13 +40,22 @@ def held_out_ndcg(model, prep: Prepared, cfg: Recipe, d, run_file: Path | None =
     def score_fn(pairs):
         return score_held_out_pairs(model, prep, cfg, pairs, d.device)
 
-    run = rerank_run(prep.bm25_run, prep.eval_data, score_fn, k=cfg.data.eval_first_stage_k)
-    metrics = evaluate_run(run, prep.eval_data.qrels)
-    if run_file is not None and d.main:
-        write_trec_run(run, run_file, "prorank-fast")
+    collections = {}
+    for held in prep.held_out:
+        run = rerank_run(held.bm25_run, held.data, score_fn, k=cfg.data.eval_first_stage_k)
+        metrics = evaluate_run(run, held.data.qrels)
+        if run_file is not None and d.main:
+            path = run_file if len(prep.held_out) == 1 else run_file.with_suffix(f".{held.name}{run_file.suffix}")
+            write_trec_run(run, path, "prorank-fast")
+        collections[held.name] = {
+            "ndcg@10": metrics["nDCG@10"],
+            "bm25_ndcg@10": held.bm25_metrics["nDCG@10"],
+            "queries": len(held.data.queries),
+        }
     model.train(was_training)
     return {
-        "ndcg@10": metrics["nDCG@10"],
-        "bm25_ndcg@10": prep.bm25_metrics["nDCG@10"],
-        "queries": len(prep.eval_data.queries),
+        "ndcg@10": sum(c["ndcg@10"] for c in collections.values()) / len(collections),
+        "bm25_ndcg@10": sum(c["bm25_ndcg@10"] for c in collections.values()) / len(collections),
+        "queries": sum(c["queries"] for c in collections.values()),
+        "collections": collections,
     }

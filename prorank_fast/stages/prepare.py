@@ -14,7 +14,17 @@ from ..errors import DataError
 from ..evaluation import bm25_first_stage, evaluate_run, load_beir
 from ..grpo import stage1_prompts
 from ..modeling import load_model, load_tokenizer
-from .collection import balanced_subset, same_collection, split_collection
+from .collection import balanced_subset, same_collection, split_collections, train_specs
+
+
+@dataclass
+class HeldOutSet:
+    """One collection's held-out queries: what the model reranks (BM25's top k) and BM25's figures."""
+
+    name: str
+    data: object  # BeirData
+    bm25_run: dict
+    bm25_metrics: dict
 
 
 @dataclass
@@ -25,9 +35,7 @@ class Prepared:
     model: torch.nn.Module
     groups: list
     read_stats: object
-    eval_data: object | None = None
-    bm25_run: dict | None = None
-    bm25_metrics: dict = field(default_factory=dict)
+    held_out: list[HeldOutSet] = field(default_factory=list)  # one per collection; [] skips nDCG
     paths: dict = field(default_factory=dict)
     stage1_prompts: list = field(default_factory=list)  # grpo.Stage1Prompt, training
     stage1_eval_prompts: list = field(default_factory=list)  # held-out, for accuracy before/after
@@ -52,7 +60,7 @@ def _demo_paths(cfg: Recipe, out: Path, d) -> dict:
     }
 
 
-def _tokenizer(cfg: Recipe, out: Path, train_spec: str, d):
+def _tokenizer(cfg: Recipe, out: Path, train_specs: list[str], d):
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer)
     if cfg.model.name_or_path:
@@ -62,10 +70,12 @@ def _tokenizer(cfg: Recipe, out: Path, train_spec: str, d):
 
     tok_dir = out / "tokenizer"
     if d.main and not (tok_dir / "tokenizer.json").exists():
-        examples, _ = data_mod.read_examples(
-            train_spec, format=cfg.data.format, skip_bad_records=cfg.data.skip_bad_records
-        )
-        texts = [ex.query for ex in examples] + [doc for ex in examples for doc in ex.docs]
+        texts = []
+        for spec in train_specs:
+            examples, _ = data_mod.read_examples(
+                spec, format=cfg.data.format, skip_bad_records=cfg.data.skip_bad_records
+            )
+            texts += [ex.query for ex in examples] + [doc for ex in examples for doc in ex.docs]
         train_demo_tokenizer(texts, vocab_size=cfg.model.tokenizer_vocab_size, out_dir=tok_dir)
     d.barrier()
     return load_tokenizer(str(tok_dir))
@@ -86,7 +96,7 @@ def prepare(cfg: Recipe, out: Path, d) -> Prepared:
     if "demo" in paths.values():
         demo = _demo_paths(cfg, out, d)
         paths = {k: (demo[k] if v == "demo" else v) for k, v in paths.items()}
-    tokenizer, template, output_ids = _tokenizer_and_template(cfg, out, paths["train"], d)
+    tokenizer, template, output_ids = _tokenizer_and_template(cfg, out, [paths["train"]], d)
     group_size = cfg.data.group_size if cfg.stage2.loss in ("listwise", "distill") else None
     examples, stats = data_mod.read_examples(
         paths["train"], format=cfg.data.format, group_size=group_size, skip_bad_records=cfg.data.skip_bad_records,
@@ -105,14 +115,15 @@ def prepare(cfg: Recipe, out: Path, d) -> Prepared:
     prep.stage1_prompts, prep.stage1_eval_prompts = stage1_train, stage1_eval
     prep.token_weights = tuple(cfg.stage2.token_weights or template.token_weights)
     if paths["eval"]:
-        prep.eval_data = load_beir(paths["eval"])
-        prep.bm25_run = bm25_first_stage(prep.eval_data, k=cfg.data.eval_first_stage_k)
-        prep.bm25_metrics = evaluate_run(prep.bm25_run, prep.eval_data.qrels)
+        eval_data = load_beir(paths["eval"])
+        bm25_run = bm25_first_stage(eval_data, k=cfg.data.eval_first_stage_k)
+        name = Path(paths["eval"]).name or "eval"
+        prep.held_out = [HeldOutSet(name, eval_data, bm25_run, evaluate_run(bm25_run, eval_data.qrels))]
     return prep
 
 
-def _tokenizer_and_template(cfg: Recipe, out: Path, train_spec: str, d):
-    tokenizer = _tokenizer(cfg, out, train_spec, d)
+def _tokenizer_and_template(cfg: Recipe, out: Path, train_specs: list[str], d):
+    tokenizer = _tokenizer(cfg, out, train_specs, d)
     template = data_mod.get_template(cfg.data.template)
     # the template's chat tokens and output tokens, checked before any model is loaded
     output_ids = template.check_tokenizer(tokenizer, cfg.model.tokenizer or cfg.model.name_or_path or "demo tokenizer")
@@ -127,38 +138,48 @@ def _check_stage2_labels(cfg: Recipe, examples, source: str) -> None:
 
 
 def _prepare_split(cfg: Recipe, out: Path, d) -> Prepared:
-    """prepare() for data.held_out: one collection split by query id (stages/collection.py)."""
-    split = split_collection(cfg)
-    tokenizer, template, output_ids = _tokenizer_and_template(cfg, out, cfg.data.train, d)
-    _check_stage2_labels(cfg, split.groups, cfg.data.train)
+    """prepare() for data.held_out: each collection of data.train split by query id
+    (stages/collection.py); training examples of all of them together (the step plan shuffles
+    them, so steps interleave collections), held-out sets one per collection."""
+    splits = split_collections(cfg)
+    sources = ", ".join(f"{s.name} ({len(s.train_ids)} training queries)" for s in splits)
+    examples = [ex for s in splits for ex in s.groups]
+    tokenizer, template, output_ids = _tokenizer_and_template(cfg, out, train_specs(cfg), d)
+    _check_stage2_labels(cfg, examples, sources)
     dc = cfg.data
-    groups = data_mod.tokenize_examples(split.groups, tokenizer, template, dc.max_length, dc.min_query_tokens)
-    stats = data_mod.ReadStats(
-        f"{cfg.data.train} ({len(split.train_ids)} training queries)", len(split.groups), len(split.groups),
-        dict(split.skipped),
-    )  # fmt: skip
+    groups = data_mod.tokenize_examples(examples, tokenizer, template, dc.max_length, dc.min_query_tokens)
+    skipped = {f"{s.name}:{k}" if len(splits) > 1 else k: v for s in splits for k, v in s.skipped.items()}
+    stats = data_mod.ReadStats(sources, len(examples), len(examples), skipped)
     stage1_train, stage1_eval = [], []
     if cfg.stage1.enabled:
         build = dict(max_length=dc.max_length, min_query_tokens=dc.min_query_tokens, instruction=dc.instruction)
+        held_out_pairs = [ex for s in splits for ex in s.held_out_pairs]
         if cfg.stage1.train is None:
-            stage1_train = stage1_prompts(split.pairs, tokenizer, template, **build)
+            stage1_train = stage1_prompts([ex for s in splits for ex in s.pairs], tokenizer, template, **build)
         else:
             stage1_train = _stage1_prompts(cfg, cfg.stage1.train, tokenizer, template)
-        if cfg.stage1.eval is None and split.held_out_pairs:
-            stage1_eval = stage1_prompts(split.held_out_pairs, tokenizer, template, **build)
+        if cfg.stage1.eval is None and held_out_pairs:
+            stage1_eval = stage1_prompts(held_out_pairs, tokenizer, template, **build)
         elif cfg.stage1.eval is not None:
             stage1_eval = _stage1_prompts(cfg, cfg.stage1.eval, tokenizer, template)
         stage1_eval = balanced_subset(stage1_eval, cfg.stage1.max_eval_pairs, cfg.train.seed)
     model = _seeded_model(cfg, tokenizer, d)
-    paths = {"train": cfg.data.train, "eval": f"{cfg.data.train} ({len(split.held_out_ids)} held-out queries)"}
+    held_out = sum(len(s.held_out_ids) for s in splits)
+    paths = {"train": sources, "eval": f"{', '.join(s.name for s in splits)} ({held_out} held-out queries)"}
     prep = Prepared(tokenizer, template, output_ids, model, groups, stats, paths=paths)
     prep.stage1_prompts, prep.stage1_eval_prompts = stage1_train, stage1_eval
     prep.token_weights = tuple(cfg.stage2.token_weights or template.token_weights)
-    prep.eval_data, prep.bm25_run = split.eval_data, split.eval_run
-    prep.bm25_metrics = evaluate_run(prep.bm25_run, prep.eval_data.qrels)
-    prep.split = {"train_queries": len(split.train_ids), "held_out_queries": len(split.held_out_ids),
+    prep.held_out = [
+        HeldOutSet(s.name, s.eval_data, s.eval_run, evaluate_run(s.eval_run, s.eval_data.qrels)) for s in splits
+    ]
+    prep.split = {"train_queries": sum(len(s.train_ids) for s in splits), "held_out_queries": held_out,
                   "training_groups": len(groups), "stage1_pairs": len(stage1_train),
                   "stage1_eval_pairs": len(stage1_eval)}  # fmt: skip
+    if len(splits) > 1:
+        prep.split["collections"] = {
+            s.name: {"train_queries": len(s.train_ids), "held_out_queries": len(s.held_out_ids),
+                     "training_groups": len(s.groups)} for s in splits
+        }  # fmt: skip
     return prep
 
 

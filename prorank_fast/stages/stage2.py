@@ -14,6 +14,15 @@ from ..scoring import RerankerScorer, loss_units
 from .held_out import held_out_ndcg
 
 
+def curve_points(evaluation: dict) -> dict:
+    """metrics.jsonl's held-out fields: the mean nDCG@10, and each collection's where there are several."""
+    points = {"held_out_ndcg@10": evaluation.get("ndcg@10")}
+    collections = evaluation.get("collections") or {}
+    if len(collections) > 1:
+        points.update({f"held_out_ndcg@10/{name}": c["ndcg@10"] for name, c in collections.items()})
+    return points
+
+
 def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
     """Stage 2 on `lm` (trained in place); checkpoints, metrics and final/ under `out`."""
     tcfg = cfg.train
@@ -43,7 +52,7 @@ def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
     settings = LoopSettings(
         "stage 2", out, s2.max_steps, s2.lr, s2.warmup_ratio, s2.checkpoint_every,
         postfix=("loss", "lr", "tokens_per_s", "held_out_ndcg@10"), evaluate_every=s2.eval_every,
-        evaluate=lambda: {"held_out_ndcg@10": held_out_ndcg(model, prep, cfg, d).get("ndcg@10")},
+        evaluate=lambda: curve_points(held_out_ndcg(model, prep, cfg, d)),
     )  # fmt: skip
 
     def before() -> dict:
@@ -57,7 +66,7 @@ def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
     )
     if d.main and s2.eval_every and eval_after.get("ndcg@10") is not None:
         # the curve's last point: the held-out nDCG@10 after the last step (what summary.json reports)
-        add_record(out / "metrics.jsonl", s2.max_steps, {"held_out_ndcg@10": eval_after["ndcg@10"]})
+        add_record(out / "metrics.jsonl", s2.max_steps, curve_points(eval_after))
         plot_metrics(out / "metrics.jsonl", out / "curves.png")
     return {
         "stage2_loss": cfg.stage2.loss,
@@ -69,6 +78,8 @@ def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
         "ndcg@10_after": eval_after.get("ndcg@10"),
         "bm25_ndcg@10": eval_after.get("bm25_ndcg@10"),
         "eval_queries": eval_after.get("queries"),
+        "held_out_collections_before": eval_before.get("collections"),
+        "held_out_collections_after": eval_after.get("collections"),
         "packing_waste": steps.stats.waste,
         "train_tokens_per_s": result["tokens"] / max(result["loop_time"], 1e-9),
         "final_model": str(out / "final"),
