@@ -1,23 +1,18 @@
 """Every entry point started from the checkout's root sees Hugging Face's `kernels`, never ours
-(tests/import_probe.py says how it is checked). Here: the README's `pytest`, the CLI and a CPU
-benchmark; torchrun's launcher and its workers in test_trainer.py (test_fsdp_two_processes_match_one),
+(tests/import_probe.py says how it is checked). Here: the README's `pytest` (this run), the CLI and
+a CPU benchmark; torchrun's launcher and its workers in test_trainer.py (test_fsdp_two_processes_match_one),
 the GPU suite's processes in test_gpu_suite_smoke.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from import_probe import ROOT, check_records, hub_kernels, probe_env
 
 ENTRY_POINTS = {
-    # the README's test command; collecting every test module is where the wrong `kernels` broke it
-    "pytest": [shutil.which("pytest", path=str(Path(sys.executable).parent)) or "pytest", "--collect-only", "-q",
-               "-p", "no:cacheprovider"],
     "cli": [sys.executable, "-m", "prorank_fast.cli"],
     "benchmarks.grpo_loss": [sys.executable, "-m", "benchmarks.grpo_loss", "--n", "64", "--h", "16", "--v", "256",
                              "--s", "4", "--rounds", "1", "--warmup", "0", "--no-memory"],
@@ -30,7 +25,23 @@ def test_entry_point_imports_hub_kernels(entry, tmp_path):
     env = probe_env(env, tmp_path / "records")
     proc = subprocess.run(ENTRY_POINTS[entry], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    check_records(tmp_path / "records", imported_by_run=entry == "pytest")
+    check_records(tmp_path / "records")
+
+
+def test_this_pytest_run_imports_hub_kernels():
+    """The README's `pytest` is this very run: pyproject's `pythonpath` put the checkout's root on
+    sys.path, every test module has been collected, and transformers' model classes import."""
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    assert str(ROOT) in [os.path.realpath(p or os.curdir) for p in sys.path]
+    hub = hub_kernels()
+    if hub is None:
+        with pytest.raises(ModuleNotFoundError):
+            import kernels  # noqa: F401
+        return
+    import kernels
+
+    assert os.path.realpath(kernels.__file__) == hub
 
 
 def _python(code: str, *flags: str) -> subprocess.CompletedProcess:

@@ -6,12 +6,14 @@ Tolerances, from the two paths' arithmetic: both are fp32, but they sum in diffe
 attention per document vs padded SDPA, a restricted head of 2 rows vs full-vocabulary logits, the
 fused loss vs log_softmax), so each step's loss agrees to a few fp32 ulps of its terms; the weights
 then drift apart only through Adam, whose update lr * m / (sqrt(v) + eps) is ~lr in size whatever
-the gradient's size: a parameter whose gradient is ~0 could take a different sign of update (at
+the gradient's size: a parameter whose gradient is ~0 can take a different sign of update (at
 most lr x steps apart). So the final weights are compared by the difference of the two runs'
-updates relative to the updates themselves, per tensor, and element-wise. Measured on a 2-core AMD
-EPYC (torch 2.13 CPU): per-step losses within 2e-5 relative; update gaps 2e-7 to 3.3e-5; largest
-element difference 1.7e-6, where lr x steps is 0.04. The limits (2e-5, 2e-4, 2e-5) leave ~6x for
-other CPUs' rounding; a wrong token, position, label or accumulation shows orders above them.
+updates relative to the updates themselves, per tensor, and element-wise by how many elements
+part by more than 1e-5. Measured on a 2-core AMD EPYC (torch 2.13 CPU), at 4608 and at 2304 tokens
+per micro-batch: per-step losses within 2e-5 relative; update gaps 2e-7 to 7.7e-5 per tensor; the
+largest element difference 3.5e-5, in 0.008% of one tensor's elements (lr x steps is 0.04). The
+limits (2e-5; 5e-4; 0.1% of elements past 1e-5, none past lr x steps) leave room for other CPUs'
+rounding; a wrong token, position, label or accumulation misses the loss limit by orders.
 Batch invariance is a scoring and stage-1 setting: stage 2 trains without it. Two processes under
 FSDP2 equal one with twice the accumulation (test_trainer.test_fsdp_two_processes_match_one), so
 this check covers them too.
@@ -41,7 +43,7 @@ def test_stage2_steps_match_a_plain_trainer(tmp_path, loss):
     out = tmp_path / "run"
     overrides = [
         f"output_dir={out}", "stage1.enabled=false", "data.demo_queries=40", "data.eval=null", f"stage2.loss={loss}",
-        f"stage2.max_steps={STEPS}", "stage2.checkpoint_every=0", "train.max_tokens=4608", "train.grad_accum=2",
+        f"stage2.max_steps={STEPS}", "stage2.checkpoint_every=0", "train.max_tokens=2304", "train.grad_accum=2",
         "train.weight_decay=0.01",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -76,6 +78,7 @@ def test_stage2_steps_match_a_plain_trainer(tmp_path, loss):
     for name in compared:
         ref_update, our_update = weights[name] - start[name], final[name] - start[name]
         gap = (our_update - ref_update).norm() / ref_update.norm().clamp_min(1e-12)
-        assert gap <= 2e-4, (name, float(gap))
-        assert (final[name] - weights[name]).abs().max() <= 2e-5, name
+        diff = (final[name] - weights[name]).abs()
+        assert gap <= 5e-4, (name, float(gap))
+        assert diff.max() <= s2.lr * STEPS and (diff > 1e-5).float().mean() <= 1e-3, (name, float(diff.max()))
     torch.testing.assert_close(final["model.embed_tokens.weight"], weights["model.embed_tokens.weight"])

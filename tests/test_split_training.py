@@ -86,7 +86,7 @@ needs_two = pytest.mark.skipif(not (CISI and CACM), reason="PRORANK_CISI and PRO
 @needs_two
 def test_several_collections_split_each_and_evaluate_each(tmp_path):
     """data.train lists two BEIR folders: each is split by query id, its groups are mined within it
-    (no document of the other collection), and each gets its own held-out set."""
+    (no document of the other collection), and each gets its own held-out set and table."""
     from prorank_fast.stages.collection import split_collections
 
     cfg = load_recipe(None, [f"data.train=[{CISI},{CACM}]", *SPLIT])
@@ -97,16 +97,9 @@ def test_several_collections_split_each_and_evaluate_each(tmp_path):
         docs = set(split.collection.corpus.values())
         assert all(doc in docs for ex in split.groups for doc in ex.docs)
         assert not any(doc in set(other.collection.corpus.values()) - docs for ex in split.groups for doc in ex.docs)
-    prep = prepare(cfg, tmp_path, setup_distributed("cpu"))
-    assert [h.name for h in prep.held_out] == [s.name for s in splits]
-    assert len(prep.groups) == sum(len(s.groups) for s in splits) == prep.split["training_groups"]
-    assert prep.split["collections"][splits[1].name]["held_out_queries"] == len(splits[1].held_out_ids)
 
-
-@needs_two
-def test_several_collections_end_to_end(tmp_path):
-    """Two collections through `prorank-fast train` (tiny model, two stage-2 steps): per-collection
-    held-out nDCG@10 with BM25's beside it, their mean, in summary.json, the table and metrics.jsonl."""
+    # through `prorank-fast train` (tiny model, two stage-2 steps): per-collection held-out nDCG@10
+    # with BM25's beside it, their mean, in summary.json, the table and metrics.jsonl
     import json
     import subprocess
     import sys
@@ -125,6 +118,10 @@ def test_several_collections_end_to_end(tmp_path):
     for key in ("ndcg@10_bm25", "ndcg@10_zero_shot", "ndcg@10_stage2_alone"):
         assert summary["held_out"][key] == pytest.approx(sum(per[n][key] for n in names) / 2), key
     assert summary["held_out"]["queries"] == sum(per[n]["queries"] for n in names)
+    assert [per[s.name]["queries"] for s in splits] == [len(s.held_out_ids) for s in splits]
+    split = summary["split"]
+    assert split["training_groups"] == sum(len(s.groups) for s in splits)
+    assert split["collections"][splits[1].name]["held_out_queries"] == len(splits[1].held_out_ids)
     for name in names:
         assert f"{name}: {per[name]['queries']} held-out queries" in proc.stdout
         assert (out / f"held_out_after.{name}.trec").stat().st_size > 0

@@ -3,9 +3,9 @@ torchrun worker or a suite's child process too) records, as it exits, what `impo
 resolves to from its own sys.path and whether transformers' model classes import, in
 $PRORANK_IMPORT_PROBE/<pid>.json.
 
-The imports are tried in a child Python given exactly this process's sys.path (-S: no site, so no
-probe there): at exit the interpreter may refuse what an import does (atexit registration), and
-the child's answer does not depend on what this process happened to import."""
+Where the run imported `kernels` itself, that module is the answer. Otherwise the imports are tried
+in a child Python given exactly this process's sys.path (-S: no site, so no probe there): at exit
+the interpreter may refuse what an import does (atexit registration)."""
 
 import atexit
 import json
@@ -33,14 +33,30 @@ print(json.dumps(report))
 """
 
 
+def _in_process() -> dict | None:
+    """The answer without a child, where the run itself imported `kernels` (through transformers):
+    what it got is what `import kernels` gives here. None where that cannot be told."""
+    imported = sys.modules.get("kernels")
+    if imported is None:
+        return None
+    try:
+        from transformers import AutoModelForCausalLM  # noqa: F401
+    except Exception:  # e.g. an import that registers atexit, refused during shutdown: ask a child
+        return None
+    return {"kernels": os.path.realpath(imported.__file__), "transformers": "ok"}
+
+
 def _record() -> None:
     report = {"argv": sys.argv, "path": [os.path.realpath(p or os.curdir) for p in sys.path]}
     imported = sys.modules.get("kernels")
     report["kernels_imported_by_run"] = None if imported is None else os.path.realpath(imported.__file__)
-    child = subprocess.run(
-        [sys.executable, "-S", "-c", _CHECK, json.dumps(sys.path)], cwd=os.getcwd(), capture_output=True, text=True
-    )
-    report.update(json.loads(child.stdout) if child.returncode == 0 else {"kernels": child.stderr[-2000:]})
+    answer = _in_process()
+    if answer is None:
+        child = subprocess.run(
+            [sys.executable, "-S", "-c", _CHECK, json.dumps(sys.path)], cwd=os.getcwd(), capture_output=True, text=True
+        )
+        answer = json.loads(child.stdout) if child.returncode == 0 else {"kernels": child.stderr[-2000:]}
+    report.update(answer)
     with open(os.path.join(os.environ["PRORANK_IMPORT_PROBE"], f"{os.getpid()}.json"), "w") as f:
         json.dump(report, f)
 
