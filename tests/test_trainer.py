@@ -61,6 +61,7 @@ def test_embedded_default_improves_ndcg(tmp_path):
     assert summary["ndcg@10_after"] > summary["ndcg@10_before"] + 0.05, summary
     assert 0.0 < summary["bm25_ndcg@10"] < 1.0
     assert summary["packing_waste"] < 0.05
+    assert 0.1 < summary["peak_rss_gib"] < 8, summary["peak_rss_gib"]
     assert summary["train_tokens_per_s"] > 0 and summary["wall_time_s"] > 0
     table = summary["held_out"]  # stage 2 alone: before = the untrained model, after = stage 2 alone
     assert (table["ndcg@10_zero_shot"], table["ndcg@10_stage2_alone"]) == (summary["ndcg@10_before"],
@@ -74,6 +75,19 @@ def test_embedded_default_improves_ndcg(tmp_path):
     assert config["prorank"]["template"] == "prorank"
     assert len(config["prorank"]["output_token_ids"]) == 2
     assert (out / "final" / "tokenizer.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux: a stage's own peak needs clear_refs")
+def test_peak_rss_is_the_stage_s_own():
+    from prorank_fast.loop import peak_rss_gib, reset_peak_rss
+
+    reset_peak_rss()
+    base = peak_rss_gib()
+    block = torch.ones(2**28, dtype=torch.uint8)  # 256 MiB, touched
+    grown = peak_rss_gib()
+    del block
+    reset_peak_rss()
+    assert grown - base >= 0.24 and peak_rss_gib() < grown - 0.2, (base, grown, peak_rss_gib())
 
 
 def _trec_scores(path: Path) -> list[tuple[str, str, str, str]]:

@@ -1,4 +1,5 @@
-"""What a run shows and leaves behind as it goes: the progress bar, metrics.jsonl, curves.png."""
+"""What a run shows and leaves behind as it goes: the progress bar, metrics.jsonl, curves.png, the
+peak memory of each stage."""
 
 from __future__ import annotations
 
@@ -122,3 +123,28 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark of this process's resident memory, so that peak_rss_gib() reports
+    one stage's peak, not the run's so far (Linux: /proc/self/clear_refs; elsewhere nothing resets)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory since reset_peak_rss() (VmHWM), in GiB; where /proc is
+    absent, the process's peak so far (getrusage)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)

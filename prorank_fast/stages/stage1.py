@@ -25,7 +25,7 @@ from ..grpo import (
 )
 from ..grpo.prompts import digit_token_ids
 from ..io import atomic_write_text
-from ..loop import LoopSettings, run_loop, shard
+from ..loop import LoopSettings, peak_rss_gib, reset_peak_rss, run_loop, shard
 
 METRIC_KEYS = ("kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "answer_entropy")
 
@@ -64,6 +64,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
         return json.loads(done_marker.read_text())
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+    reset_peak_rss()
     g, tcfg = cfg.stage1, cfg.train
     for name in g.rewards:
         resolve_reward(name)  # an unknown reward fails before any work
@@ -248,6 +249,7 @@ def run_stage1(cfg, prep, d, out) -> dict:
         "exact_format_rate_after": after.get("exact_format_rate"),
         "tokens_per_s": result["tokens"] / max(result["loop_time"], 1e-9),
         "loop_time_s": result["loop_time"],
+        "peak_rss_gib": peak_rss_gib(),  # this process, this stage: evaluations and export included
         "final_model": str(out / "final"),
     }
     if d.main:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import Recipe
 from ..export import export_model
-from ..loop import Dist, LoopSettings, StepPlan, run_loop, shard
+from ..loop import Dist, LoopSettings, StepPlan, peak_rss_gib, reset_peak_rss, run_loop, shard
 from ..loop.progress import add_record, plot_metrics
 from ..packing import collate
 from ..scoring import RerankerScorer, loss_units
@@ -28,6 +28,7 @@ def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
     tcfg = cfg.train
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+    reset_peak_rss()
     wrapper = RerankerScorer(lm, prep.output_ids, prep.token_weights, cfg.stage2.loss, cfg.stage2.temperature)
     model = shard(wrapper, d, compile_layers=cfg.model.compile)
     steps = StepPlan(prep.groups, tcfg.max_tokens, tcfg.seed, d.world * tcfg.grad_accum)
@@ -82,5 +83,6 @@ def run_stage2(cfg: Recipe, prep, lm, d: Dist, out: Path) -> dict:
         "held_out_collections_after": eval_after.get("collections"),
         "packing_waste": steps.stats.waste,
         "train_tokens_per_s": result["tokens"] / max(result["loop_time"], 1e-9),
+        "peak_rss_gib": peak_rss_gib(),  # this process, this stage: evaluations and export included
         "final_model": str(out / "final"),
     }
