@@ -43,8 +43,8 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
-def _micro_batch_loss(model, groups, output_ids, token_weights, loss: str, pad_id: int) -> tuple[torch.Tensor, int]:
-    """Summed loss of the groups (one term per group for listwise, per sequence for bce) and the count."""
+def _micro_batch_loss(model, groups, output_ids, token_weights, loss: str, pad_id: int) -> torch.Tensor:
+    """Summed loss of the groups: one term per group for listwise, per sequence for bce."""
     seqs = [seq for g in groups for seq in g.input_ids]
     labels = torch.tensor([y for g in groups for y in g.labels], dtype=torch.float32)
     width = max(len(s) for s in seqs)
@@ -57,13 +57,13 @@ def _micro_batch_loss(model, groups, output_ids, token_weights, loss: str, pad_i
     last = logits[torch.arange(len(seqs)), mask.sum(1) - 1]  # [B, V]
     scores = sum(w * last[:, i] for i, w in zip(output_ids, token_weights, strict=True))
     if loss == "bce":
-        return F.binary_cross_entropy_with_logits(scores, labels, reduction="sum"), len(seqs)
+        return F.binary_cross_entropy_with_logits(scores, labels, reduction="sum")
     if loss == "listwise":
         size = len(groups[0].input_ids)
         log_p = torch.log_softmax(scores.reshape(-1, size), dim=-1)
         target = labels.reshape(-1, size)
         target = target / target.sum(-1, keepdim=True)
-        return -(target * log_p).sum(), len(groups)
+        return -(target * log_p).sum()
     raise ValueError(f"the reference trains listwise or bce, not {loss!r}")
 
 
@@ -84,7 +84,7 @@ def train_reference(model, groups, plan_steps, *, output_ids, token_weights, los
                     for ids in micro_batches)  # fmt: skip
         step_loss = 0.0
         for ids in micro_batches:
-            summed, _ = _micro_batch_loss(model, [groups[i] for i in ids], output_ids, token_weights, loss, pad_id)
+            summed = _micro_batch_loss(model, [groups[i] for i in ids], output_ids, token_weights, loss, pad_id)
             (summed / units).backward()
             step_loss += float(summed.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

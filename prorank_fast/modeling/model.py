@@ -278,8 +278,11 @@ def enable_autocast(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def numeric_mode(dtype: str | torch.dtype, autocast: str | torch.dtype | None) -> str:
     """How a model's scores were computed, as the tables print it: "float32" or "float32, bfloat16
     autocast". Two figures compare bit for bit only in the same mode."""
-    name = str(resolve_dtype(dtype)).removeprefix("torch.")
-    return name + (f", {str(resolve_dtype(autocast)).removeprefix('torch.')} autocast" if autocast else "")
+
+    def name(d) -> str:
+        return str(resolve_dtype(d)).removeprefix("torch.")
+
+    return name(dtype) + (f", {name(autocast)} autocast" if autocast else "")
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
