@@ -123,9 +123,12 @@ REAL_OVERRIDES = ("stage1.enabled=false", "model.autocast=null", "data.held_out=
                   "train.weight_decay=0.01", "stage2.checkpoint_every=0", "stage2.eval_every=0")  # fmt: skip
 
 
-def run_both(out: Path, loss: str, steps: int, recipe: str | None = None, overrides=OVERRIDES) -> Comparison:
-    """`prorank-fast train` (a subprocess, as users run it) for `steps` stage-2 steps into `out`, then
-    train_reference on the same groups, plan and initial weights, read back the way the run read them."""
+def run_both(out: Path, loss: str, steps: int, recipe: str | None = None, overrides=OVERRIDES,
+             nproc: int = 1) -> Comparison:  # fmt: skip
+    """`prorank-fast train` (a subprocess, as users run it; under torchrun with `nproc` gloo processes,
+    FSDP2, when nproc > 1) for `steps` stage-2 steps into `out`, then train_reference in one process on
+    the same groups, plan and initial weights, read back the way the run read them: a step's micro-batches
+    are those of all ranks (nproc x grad_accum)."""
     from safetensors.torch import load_file
 
     from prorank_fast.config import load_recipe
@@ -134,7 +137,8 @@ def run_both(out: Path, loss: str, steps: int, recipe: str | None = None, overri
 
     overrides = [f"output_dir={out}", f"stage2.loss={loss}", f"stage2.max_steps={steps}", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "prorank_fast.cli", "train", *([recipe] if recipe else []), *overrides]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "prorank_fast.cli", "train", *([recipe] if recipe else []), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"prorank-fast train failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
@@ -143,7 +147,7 @@ def run_both(out: Path, loss: str, steps: int, recipe: str | None = None, overri
     cfg = load_recipe(recipe, overrides)
     d = setup_distributed("cpu")
     prep = prepare(cfg, out, d)  # the demo and tokenizer the run left in out/
-    plan = StepPlan(prep.groups, cfg.train.max_tokens, cfg.train.seed, d.world * cfg.train.grad_accum)
+    plan = StepPlan(prep.groups, cfg.train.max_tokens, cfg.train.seed, nproc * cfg.train.grad_accum)
     plan_steps = [plan.step_batches(s) for s in range(steps)]
     model = plain_model(prep.model)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
