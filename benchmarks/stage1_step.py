@@ -365,11 +365,30 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
 
 
+def trl_trainer(model, reward_funcs, dataset, tokenizer, *, callbacks=(), rollout_func=None, **settings):
+    """``trl.GRPOTrainer`` around ``model`` in this one process, quiet: ``GRPOConfig(**settings)`` plus the
+    plumbing every TRL row here shares (no saving, no logging or progress output, no shuffling, no dataloader
+    workers, one accumulation step, fp32 unless the model is bf16; a throwaway output_dir)."""
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    plumbing = dict(
+        output_dir=tempfile.mkdtemp(prefix="prorank-trl-"), gradient_accumulation_steps=1, logging_steps=10**6,
+        save_strategy="no", report_to="none", use_cpu=model.device.type == "cpu", bf16=model.dtype == torch.bfloat16,
+        shuffle_dataset=False, dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward_funcs, args=GRPOConfig(**{**plumbing, **settings}), train_dataset=dataset,
+        processing_class=tokenizer, callbacks=list(callbacks), rollout_func=rollout_func,
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print its log dicts to stdout
+    return trainer
+
+
 def run_trl(lm, cfg: Stage1Config, steps: list[StepData], log=print) -> dict:
     """trl.GRPOTrainer over ``steps`` (one per optimizer step): per-step seconds and the last loss."""
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     vocab = lm.config.vocab_size
     tokenizer = word_tokenizer(vocab)
@@ -403,23 +422,14 @@ def run_trl(lm, cfg: Stage1Config, steps: list[StepData], log=print) -> dict:
     model = copy.deepcopy(lm)
     model.set_attn_implementation("sdpa")
     model.config.use_cache = True
-    out_dir = tempfile.mkdtemp(prefix="prorank-stage1-trl-")
-    args = GRPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=cfg.prompts * cfg.group_size, num_generations=cfg.group_size,
+    trainer = trl_trainer(
+        model, [format_reward, correctness_reward], ds, tokenizer, callbacks=[clock],
+        per_device_train_batch_size=cfg.prompts * cfg.group_size, num_generations=cfg.group_size,
         max_completion_length=cfg.new_tokens, generation_kwargs={"min_new_tokens": cfg.new_tokens},
         temperature=1.0, top_p=1.0, top_k=0, max_steps=len(steps), learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay, lr_scheduler_type="constant", warmup_steps=0, beta=0.0, loss_type="dapo",
-        epsilon=0.2, scale_rewards="group", num_iterations=1, gradient_accumulation_steps=1, logging_steps=10**6,
-        save_strategy="no", report_to="none", use_cpu=lm.device.type == "cpu", bf16=lm.dtype == torch.bfloat16,
-        seed=cfg.seed, shuffle_dataset=False, dataloader_num_workers=0, disable_tqdm=True,
+        epsilon=0.2, scale_rewards="group", num_iterations=1, seed=cfg.seed,
     )  # fmt: skip
-    trainer = GRPOTrainer(
-        model=model, reward_funcs=[format_reward, correctness_reward], args=args, train_dataset=ds,
-        processing_class=tokenizer, callbacks=[clock],
-    )  # fmt: skip
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print its log dicts to stdout
     t0 = time.perf_counter()
     result = trainer.train()
     ends = [t0, *clock.ends]
