@@ -85,6 +85,10 @@ class DataConfig:
     held_out: float | None = None
     split_seed: int = 0  # the split's own seed (train.seed does not move it)
     negatives_depth: int = 30  # negatives are mined from BM25's top this many (minus the judged relevant)
+    # positives: only judged-relevant documents within BM25's top this many (None: every judged one). Where
+    # positives come from anywhere and negatives from BM25's top, lexical overlap with the query marks a
+    # negative: the opposite of what reranking BM25's top k needs (README: the multi-collection ablations).
+    positives_depth: int | None = None
     demo_queries: int = 120
     demo_docs_per_topic: int = 6
     demo_seed: int = 1234
@@ -399,6 +403,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: data.group_size must be >= 2 for stage2.loss={s.loss}")
     if d.negatives_depth < 1:
         raise RecipeError(f"{where}: data.negatives_depth must be >= 1")
+    if d.positives_depth is not None and d.positives_depth < 1:
+        raise RecipeError(f"{where}: data.positives_depth must be >= 1 or null, got {d.positives_depth}")
     if isinstance(d.train, tuple):
         if not d.train:
             raise RecipeError(f"{where}: data.train is an empty list")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from prorank_fast.config import _CHOICES, load_recipe
@@ -50,3 +52,10 @@ def test_allowed_values_are_the_owners():
 def test_recipe_errors_are_input_errors():
     with pytest.raises(InputError):
         load_recipe(None, ["nope=1"])
+
+
+@pytest.mark.parametrize("override", ["data.negatives_depth=0", "data.positives_depth=0"])
+def test_mining_depths_are_checked(override):
+    with pytest.raises(RecipeError, match=re.escape(override.split("=")[0]) + " must be >= 1"):
+        load_recipe(None, [override])
+    assert load_recipe(None, ["data.positives_depth=null"]).data.positives_depth is None

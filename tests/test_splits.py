@@ -192,6 +192,25 @@ def test_mine_pairs_depth_and_cap(tiny):
     _check_negatives(data, run, [ex], 8, lambda ex: 2)
 
 
+def test_positives_depth_keeps_the_first_stages_positives_only(tiny):
+    data, run = tiny
+    # q1's relevant documents: d1 at rank 2 of the run, d2 and d3 not ranked; q4's d7 at rank 1
+    groups, skipped = mine_groups(data, ["q1", "q4", "q2"], run, group_size=3, depth=6, seed=0, source=SOURCE,
+                                  positives_depth=1)  # fmt: skip
+    assert [(ex.query, _doc_id(ex.docs[0])) for ex in groups] == [("query four", "d7")]
+    assert skipped == {"no_positive_in_depth": 2}  # q1 (d1 is at rank 2), q2 (d5 at rank 2)
+    groups, skipped = mine_groups(data, ["q1", "q4"], run, group_size=3, depth=6, seed=0, source=SOURCE,
+                                  positives_depth=8)  # fmt: skip
+    assert [_doc_id(ex.docs[0]) for ex in groups] == ["d1", "d7"] and skipped == {}
+    # the negatives are those mined without the option: it chooses positives, nothing else
+    every, _ = mine_groups(data, ["q1", "q4"], run, group_size=3, depth=6, seed=0, source=SOURCE)
+    assert [ex.docs for ex in groups] == [every[0].docs, every[3].docs]
+    (pair,), skipped = mine_pairs(data, ["q1"], run, depth=6, seed=0, source=SOURCE, positives_depth=2)
+    assert pair.labels == [1.0, 0.0] and _doc_id(pair.docs[0]) == "d1" and skipped == {}
+    with pytest.raises(ValueError, match="positives_depth must be an integer >= 1"):
+        mine_groups(data, ["q1"], run, group_size=3, depth=6, seed=0, source=SOURCE, positives_depth=0)
+
+
 # --- the real collection -------------------------------------------------------------------
 
 

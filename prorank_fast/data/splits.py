@@ -148,9 +148,11 @@ def _count(skipped: dict[str, int], reason: str) -> None:
     skipped[reason] = skipped.get(reason, 0) + 1
 
 
-def _minable(data: BeirData, query_ids: Iterable[str], run, depth: int, source: str, skipped: dict[str, int]):
+def _minable(data: BeirData, query_ids: Iterable[str], run, depth: int, source: str, skipped: dict[str, int],
+             positives_depth: int | None = None):  # fmt: skip
     """(qid, query text, positives, BM25 candidates) for each query that has both; the others are
-    counted in `skipped` (no_positive, no_bm25_negative)."""
+    counted in `skipped` (no_positive; no_positive_in_depth: judged-relevant documents, none within
+    the run's top `positives_depth`; no_bm25_negative)."""
     for qid in query_ids:
         query = _query(data, qid, source)
         positives = _positives(data, qid)
@@ -158,6 +160,12 @@ def _minable(data: BeirData, query_ids: Iterable[str], run, depth: int, source: 
             _count(skipped, "no_positive")
             continue
         candidates = _candidates(data, qid, run, depth, source)
+        if positives_depth is not None:
+            top = set(list(run[qid])[:positives_depth])
+            positives = {d: r for d, r in positives.items() if d in top}
+            if not positives:
+                _count(skipped, "no_positive_in_depth")
+                continue
         if not candidates:
             _count(skipped, "no_bm25_negative")
             continue
@@ -173,6 +181,7 @@ def mine_groups(
     depth: int,
     seed: int,
     source: str,
+    positives_depth: int | None = None,
 ) -> tuple[list[Example], dict[str, int]]:
     """Stage-2 groups from the judgements of ``query_ids`` only.
 
@@ -191,11 +200,16 @@ def mine_groups(
         depth: how deep in the run negatives are taken from (>= 1).
         seed: the sampling seed.
         source: the collection's folder, for Example.source and errors.
+        positives_depth: only judged-relevant documents within the top this many of
+            ``run[qid]`` are positives (None: every one). Negatives always come from the run's
+            top, so positives from anywhere teach that matching the query's words marks a
+            negative; positives from the same first stage do not.
 
     Returns:
         (examples, skipped): ``skipped["no_bm25_negative"]`` counts queries skipped for an
         empty candidate list; ``skipped["no_positive"]`` queries without a judged-relevant
-        document with text (they make no group). A key is present only when counted.
+        document with text, ``skipped["no_positive_in_depth"]`` queries with none within
+        ``positives_depth`` (they make no group). A key is present only when counted.
 
     Raises:
         DataError: a query id not in ``data.queries`` or not in ``run``; a run ranking
@@ -203,9 +217,11 @@ def mine_groups(
         ValueError: ``group_size`` < 2 or ``depth`` < 1.
     """
     _check_sizes(group_size=(group_size, 2), depth=(depth, 1))
+    if positives_depth is not None:
+        _check_sizes(positives_depth=(positives_depth, 1))
     examples: list[Example] = []
     skipped: dict[str, int] = {}
-    for qid, query, positives, candidates in _minable(data, query_ids, run, depth, source, skipped):
+    for qid, query, positives, candidates in _minable(data, query_ids, run, depth, source, skipped, positives_depth):
         need = group_size - 1
         for pos, relevance in positives.items():
             rng = random.Random(f"{seed}:{qid}:{pos}")
@@ -236,6 +252,7 @@ def mine_pairs(
     seed: int,
     source: str,
     max_positives_per_query: int | None = None,
+    positives_depth: int | None = None,
 ) -> tuple[list[Example], dict[str, int]]:
     """Stage-1 binary pairs, label-balanced per query, from the judgements of ``query_ids``.
 
@@ -247,13 +264,11 @@ def mine_pairs(
     than positives, all candidates are used and positives are dropped (seeded) to match.
 
     Args:
-        data, query_ids, run, depth, seed, source: as in :func:`mine_groups`.
+        data, query_ids, run, depth, seed, source, positives_depth: as in :func:`mine_groups`.
         max_positives_per_query: cap on positives per query (>= 1), None for no cap.
 
     Returns:
-        (examples, skipped): ``skipped["no_bm25_negative"]`` counts queries skipped for an
-        empty candidate list, ``skipped["no_positive"]`` queries without a judged-relevant
-        document with text. A key is present only when counted.
+        (examples, skipped): as :func:`mine_groups`.
 
     Raises:
         DataError: as :func:`mine_groups`.
@@ -262,9 +277,11 @@ def mine_pairs(
     _check_sizes(depth=(depth, 1))
     if max_positives_per_query is not None:
         _check_sizes(max_positives_per_query=(max_positives_per_query, 1))
+    if positives_depth is not None:
+        _check_sizes(positives_depth=(positives_depth, 1))
     examples: list[Example] = []
     skipped: dict[str, int] = {}
-    for qid, query, positives, candidates in _minable(data, query_ids, run, depth, source, skipped):
+    for qid, query, positives, candidates in _minable(data, query_ids, run, depth, source, skipped, positives_depth):
         positives = list(positives)
         rng = random.Random(f"{seed}:{qid}")
         keep = min(len(positives), len(candidates), max_positives_per_query or len(positives))

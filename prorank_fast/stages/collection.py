@@ -1,8 +1,9 @@
 """BEIR collections, each split by query id into training and held-out queries (`data.held_out`;
 `data.train` one folder or a list): stage-2 groups and stage-1 pairs come from the training
-queries' judgements with negatives mined from BM25's top `data.negatives_depth` (minus the judged
-relevant) within the same collection; evaluation reranks BM25's top `data.eval_first_stage_k` of
-the held-out queries only, collection by collection. No query is on both sides."""
+queries' judgements (those within BM25's top `data.positives_depth`, when set) with negatives mined
+from BM25's top `data.negatives_depth` (minus the judged relevant) within the same collection;
+evaluation reranks BM25's top `data.eval_first_stage_k` of the held-out queries only, collection by
+collection. No query is on both sides."""
 
 from __future__ import annotations
 
@@ -78,13 +79,11 @@ def split_collection(cfg: Recipe, spec: str | None = None, name: str | None = No
     collection = load_beir(folder, split=qrels_split or "test")
     train_ids, held_out_ids = split_query_ids(list(collection.queries), d.held_out, d.split_seed, source=folder)
     check_disjoint(train_ids, held_out_ids, train_source=f"{folder} (training)", held_out_source=f"{folder} (held out)")
-    run = bm25_first_stage(collection, k=max(d.negatives_depth, d.eval_first_stage_k))
-    seed = cfg.train.seed
-    groups, skipped = mine_groups(
-        collection, train_ids, run, group_size=d.group_size, depth=d.negatives_depth, seed=seed, source=folder
-    )
-    pairs, skipped_pairs = mine_pairs(collection, train_ids, run, depth=d.negatives_depth, seed=seed, source=folder)
-    held_out_pairs, _ = mine_pairs(collection, held_out_ids, run, depth=d.negatives_depth, seed=seed, source=folder)
+    run = bm25_first_stage(collection, k=max(d.negatives_depth, d.eval_first_stage_k, d.positives_depth or 0))
+    mining = dict(depth=d.negatives_depth, positives_depth=d.positives_depth, seed=cfg.train.seed, source=folder)
+    groups, skipped = mine_groups(collection, train_ids, run, group_size=d.group_size, **mining)
+    pairs, skipped_pairs = mine_pairs(collection, train_ids, run, **mining)
+    held_out_pairs, _ = mine_pairs(collection, held_out_ids, run, **mining)
     if not groups:
         raise RecipeError(f"{folder}: the {len(train_ids)} training queries gave no training group (data.held_out)")
     eval_run = {q: dict(list(run[q].items())[: d.eval_first_stage_k]) for q in held_out_ids}
