@@ -45,6 +45,9 @@ def curve(out: Path, summary: dict) -> list[dict]:
         if record.get("held_out_ndcg@10") is not None:
             per = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("held_out_ndcg@10/")}
             points.append({"step": record["step"], "tokens": tokens, "ndcg@10": record["held_out_ndcg@10"], **per})
+    if points[-1]["step"] != summary.get("steps"):  # stage2.eval_every 0: the summary's after-figure
+        points.append({"step": summary.get("steps"), "tokens": tokens, "ndcg@10": summary.get("ndcg@10_after"),
+                       **_per_collection(summary.get("held_out_collections_after"))})  # fmt: skip
     return points
 
 

@@ -358,6 +358,7 @@ def test_dry_run_cli_prints_a_report():
     [
         ("tiny", 1e4, 1e7),
         ("smollm2-135m-vaswani", 1.34e8, 1.35e8),
+        ("smollm2-135m-multi", 1.34e8, 1.35e8),
         ("prorank-0.5b", 4.9e8, 5.0e8),
         ("prorank-1.5b", 1.5e9, 1.6e9),
         ("prorank-7b", 7.6e9, 7.7e9),
