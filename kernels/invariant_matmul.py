@@ -9,7 +9,12 @@ construction:
 
 * CPU: the rows go through the library in tiles of exactly ``TILE_ROWS`` rows (the last tile
   zero-padded), so every GEMM call has the same shape and hence the same kernel; a row's
-  output is a function of its own inputs and of that shape only.
+  output is a function of its own inputs and of that shape only. One more input picks MKL's
+  kernel: the thread count. On its AVX2 / AVX-512 code paths (Intel CPUs; AMD gets a generic
+  path) MKL's sgemm splits a tile's reduction by thread, so 1 thread and 2 round differently
+  (SmolLM2's MLP down projection, K 1536 -> 576: 1.5e-5 on a score). MKL's strict conditional
+  numerical reproducibility mode keeps ?gemm bitwise equal for any thread count; it can be
+  chosen only before MKL's first call, so importing this module chooses it (`mkl_reproducibility`).
 * CUDA: a Triton matmul with fixed block sizes, one program per output tile, the reduction
   over K in one fixed order, no split-K: a row's output does not depend on M at all.
 
@@ -24,12 +29,17 @@ scores and of the sampler's log-probs, not of gradients.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import warnings
+
 import torch
 
 from . import launch_table
 from ._utils import triton_available
 
-__all__ = ["TILE_ROWS", "batch_invariant_linear"]
+__all__ = ["TILE_ROWS", "batch_invariant_linear", "mkl_reproducibility"]
 
 # Rows per GEMM call on CPU. 128 keeps the zero-padding of a short call small; per-call
 # overhead and cache use are measured in benchmarks/rerank.py (invariant vs not).
@@ -37,6 +47,55 @@ TILE_ROWS = 128
 # The CUDA kernel's blocks, warps and stages come from launch_table (MATMUL_*): fixed, since a
 # change of blocks would change the rounding of every row.
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # tl.dot has no fp64 into fp32
+# mkl_service.h: MKL_CBWR_ALL, MKL_CBWR_AUTO, MKL_CBWR_COMPATIBLE, MKL_CBWR_STRICT
+_CBWR_ALL, _CBWR_AUTO, _CBWR_COMPATIBLE, _CBWR_STRICT = -1, 2, 3, 0x10000
+_MKL_DTYPES = (torch.float32, torch.float64)  # torch's CPU matmul takes MKL for these, oneDNN for bf16 / fp16
+
+
+@functools.lru_cache(maxsize=1)
+def _mkl_service():
+    """MKL's service functions inside torch's CPU library (MKL is linked in statically), or None."""
+    if not torch.backends.mkl.is_available():
+        return None
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "torch_cpu.dll", "libtorch_cpu.dylib"):
+        path = os.path.join(lib_dir, name)
+        if os.path.exists(path):
+            try:
+                lib = ctypes.CDLL(path)  # already loaded by torch: the same handle, no second copy
+                return lib if hasattr(lib, "mkl_serv_cbwr_set") and hasattr(lib, "mkl_serv_cbwr_get") else None
+            except OSError:
+                return None
+    return None
+
+
+def _choose_strict_cnr() -> str:
+    lib = _mkl_service()
+    if lib is None:
+        return "no MKL in torch's CPU library: nothing to choose"
+    if os.environ.get("MKL_CBWR"):
+        return f"MKL_CBWR={os.environ['MKL_CBWR']} (the environment's; left as it is)"
+    if lib.mkl_serv_cbwr_set(_CBWR_AUTO | _CBWR_STRICT) != 0:  # -8: MKL has run already
+        return (
+            "not strict: MKL ran before prorank_fast.kernels was imported "
+            "(import it first, or set MKL_CBWR=AUTO,STRICT)"
+        )
+    return "strict"
+
+
+_MKL_CHOICE = _choose_strict_cnr()
+_mkl_checked = False
+
+
+def mkl_reproducibility() -> tuple[bool, str]:
+    """(whether MKL's sgemm gives the same bits for any thread count, why): true where there is no
+    MKL, in strict CNR mode, and in MKL_CBWR=COMPATIBLE (one generic path, no split reduction)."""
+    lib = _mkl_service()
+    if lib is None:
+        return True, _MKL_CHOICE
+    mode = lib.mkl_serv_cbwr_get(_CBWR_ALL)
+    return bool(mode & _CBWR_STRICT) or mode & 0xFFFF == _CBWR_COMPATIBLE, _MKL_CHOICE
+
 
 if triton_available():
     import triton
@@ -107,6 +166,19 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
+def _warn_unless_reproducible(dtype: torch.dtype) -> None:
+    global _mkl_checked
+    if dtype in _MKL_DTYPES and not _mkl_checked:
+        _mkl_checked = True
+        reproducible, why = mkl_reproducibility()
+        if not reproducible:
+            warnings.warn(
+                f"batch_invariant_linear: MKL's sgemm may round differently with the thread count ({why})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
 def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
     m, k = x.shape
     full = m - m % tile
@@ -173,6 +245,8 @@ def batch_invariant_linear(
         raise ValueError(f"batch_invariant_linear impl='triton' takes bf16, fp16 or fp32, got {dtype}")
     if use_triton and not triton_available():
         raise ValueError("batch_invariant=True on CUDA needs triton (pip install triton)")
+    if not use_triton:
+        _warn_unless_reproducible(dtype)
     rows = x.reshape(-1, x.shape[-1]).to(dtype)
     if not rows.is_contiguous():
         rows = rows.contiguous()

@@ -278,3 +278,120 @@ def test_default_is_on_on_cpu_and_off_on_cuda_until_measured(reranker):
     common = dict(scorer=reranker._scorer, device="cuda")  # a scorer: nothing is moved, nothing runs
     assert Reranker(reranker.model, reranker.tokenizer, **common).batch_invariant is False
     assert Reranker(reranker.model, reranker.tokenizer, batch_invariant=True, **common).batch_invariant is True
+
+
+# --- the BLAS underneath: MKL's code paths, thread counts, tile addresses, SIMD levels -----------
+#
+# MKL picks its sgemm by CPU vendor: AMD gets a generic path whose rounding does not depend on the
+# thread count, Intel the AVX2 / AVX-512 paths, which split a GEMM's reduction by thread unless
+# strict CNR mode is on (kernels/invariant_matmul.py). So that an AMD machine tests what an Intel
+# one runs, the check runs MKL with its vendor test answered "Intel" (a two-line shim preloaded
+# into a subprocess); on Intel it runs MKL as it is. Each run also sets ATEN_CPU_CAPABILITY.
+
+_TILES_CHECK = r"""
+import json, sys, torch
+from prorank_fast.kernels.invariant_matmul import batch_invariant_linear, mkl_reproducibility
+torch.manual_seed(0)
+# SmolLM2-135M's shapes: q/k/v/o, MLP up and down (the down projection's K 1536 is the one that split)
+shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+failures, plain_split = [], False
+for k, n in shapes:
+    w, x0 = torch.randn(n, k), torch.randn(300, k)
+    buffer = torch.empty(300 * k + 15)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            torch.set_num_threads(2)
+            ref = batch_invariant_linear(x0, w)
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                for offset in (0, 1, 3, 8, 15):  # the same rows 4-60 bytes off a 64-byte line
+                    x = buffer[offset : offset + 300 * k].view(300, k)
+                    x.copy_(x0)
+                    for rows in (slice(0, 300), slice(0, 1), slice(17, 145)):
+                        if not torch.equal(batch_invariant_linear(x[rows], w), ref[rows]):
+                            failures.append([k, n, autocast, threads, offset, str(rows)])
+            torch.set_num_threads(1)
+            one = x0[:128] @ w.t()
+            torch.set_num_threads(2)
+            plain_split |= not torch.equal(one, x0[:128] @ w.t())
+print(json.dumps({"failures": failures[:8], "count": len(failures), "plain_split": plain_split,
+                  "mkl": mkl_reproducibility(), "capability": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+_INTEL_SHIM = "int mkl_serv_intel_cpu_true(void) { return 1; }\nint mkl_serv_intel_cpu(void) { return 1; }\n"
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    vendor, flags = "", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id") and not vendor:
+                vendor = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return vendor, flags
+
+
+@pytest.fixture(scope="module")
+def intel_mkl_env(tmp_path_factory):
+    """Environment for a subprocess that runs MKL's Intel code paths: {} on Intel, the shim preloaded
+    on other x86 CPUs with AVX2 (the paths MKL then takes need it), None where that is impossible."""
+    import shutil
+    import subprocess
+
+    if not torch.backends.mkl.is_available():
+        return None
+    vendor, flags = _cpu_info()
+    if vendor == "GenuineIntel":
+        return {}
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if "avx2" not in flags or compiler is None:
+        return None
+    folder = tmp_path_factory.mktemp("intel-shim")
+    (folder / "shim.c").write_text(_INTEL_SHIM)
+    shim = folder / "libintelshim.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(folder / "shim.c")], check=True)
+    return {"LD_PRELOAD": str(shim)}
+
+
+def _run_tiles_check(env_extra: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **env_extra}
+    done = subprocess.run([sys.executable, "-c", _TILES_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _capabilities() -> list[str]:
+    _, flags = _cpu_info()
+    return ["default"] + [c for c, f in (("avx2", "avx2"), ("avx512", "avx512f")) if f in flags]
+
+
+@pytest.mark.parametrize("capability", _capabilities())
+def test_tiles_do_not_depend_on_threads_addresses_or_simd_level_on_mkls_intel_paths(intel_mkl_env, capability):
+    """batch_invariant_linear on SmolLM2's shapes, fp32 and bf16 autocast, against itself at
+    1, 2 and 3 threads, with its rows at 5 byte offsets from a cache line and in 3 sub-batches:
+    the same bits, on MKL's Intel code paths, as it is by default (strict CNR chosen at import)."""
+    if intel_mkl_env is None:
+        pytest.skip("MKL's Intel code paths cannot run here (no MKL, no AVX2, or no C compiler for the shim)")
+    result = _run_tiles_check({**intel_mkl_env, "ATEN_CPU_CAPABILITY": capability})
+    assert result["capability"].lower() == capability.lower()
+    assert result["mkl"][0], result["mkl"]
+    assert result["count"] == 0, result
+
+
+def test_without_strict_cnr_mkls_intel_paths_do_split_by_thread(intel_mkl_env):
+    """The control that shows the check above can fail: with the environment's MKL_CBWR=AUTO (left
+    as it is, with a warning) the plain sgemm rounds differently at 1 and 2 threads, and so do
+    the tiles."""
+    if intel_mkl_env is None:
+        pytest.skip("MKL's Intel code paths cannot run here (no MKL, no AVX2, or no C compiler for the shim)")
+    result = _run_tiles_check({**intel_mkl_env, "MKL_CBWR": "AUTO"})
+    assert result["mkl"] == [False, "MKL_CBWR=AUTO (the environment's; left as it is)"]
+    assert result["plain_split"] and result["count"] > 0, result
