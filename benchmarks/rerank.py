@@ -20,6 +20,11 @@ what ``prorank-fast train`` writes to ``final/``) and score the same (query, doc
                       mask, logits of the last position over the whole vocabulary (``logits_to_keep=1``),
                       LogitScore z["1"] - z["0"]
 
+With ``bf16=1`` two more rows, each model's decoder under bf16 autocast (``enable_autocast``, as
+``model.autocast: bfloat16`` runs it): ``ours_bf16_autocast`` (the defaults) and ``st_bf16_autocast``
+(CrossEncoder's model); a bf16 row's ratio and score difference are to ``st_bf16_autocast``, and its
+scores are not checked against the fp32 tolerance.
+
 Workload (both models): ``docs`` (100) documents per query with real length ratios: queries of ~10
 tokens, documents of ``doc_tokens`` (60-300) tokens, uniform, seeded; a document is a slice of that
 many tokens of real text decoded back to a string. Template "prorank", max_length ``max_length`` (512:
@@ -79,6 +84,8 @@ from . import _common as C
 from . import harness as H
 
 VARIANTS = ("ours", "ours_unshared", "ours_not_invariant", "ours_exact", "ours_exact_unshared", "st")
+BF16 = "_bf16_autocast"  # a row's suffix: its model's decoder under bf16 autocast
+BF16_VARIANTS = ("ours" + BF16, "st" + BF16)  # with bf16=1
 LABELS = {
     "ours": "ours: Reranker.predict (shared prefix, batch-invariant; the defaults)",
     "ours_unshared": "ours, shared_prefix=False (batch-invariant)",
@@ -86,6 +93,8 @@ LABELS = {
     "ours_exact": "ours, exact_shared_prefix=True (shared prefix, fixed-block attention)",
     "ours_exact_unshared": "ours, exact_shared_prefix=True, shared_prefix=False (diff: to the row above)",
     "st": "sentence-transformers CrossEncoder.predict",
+    "ours_bf16_autocast": "ours, the defaults, decoder under bf16 autocast",
+    "st_bf16_autocast": "sentence-transformers CrossEncoder.predict, decoder under bf16 autocast",
 }
 OURS_SETTINGS = {  # Reranker keyword arguments of each of our rows
     "ours": {},
@@ -97,6 +106,7 @@ OURS_SETTINGS = {  # Reranker keyword arguments of each of our rows
 DIFF_REFERENCE = {"ours_exact_unshared": "ours_exact"}  # the "max |score - ours|" column's row, if not ours
 GROUP = "cpu-rerank"
 SPEEDUP_TARGET = 2.0  # ours / st, documents/s
+PARITY_TARGET = 1.0  # the floor: a reranker that replaces CrossEncoder is no slower than it
 SCORE_ATOL = 5e-5  # the rows score the same pairs (fp32)
 QWEN_VOCAB = 151936
 
@@ -124,7 +134,8 @@ class RerankConfig(H.BenchConfig):
     real_rounds: int = 2
     real_warmup: int = 0  # calls take tens of seconds; each row first scores 2 pairs untimed
     real_max_length: int = 512
-    real_bf16: int = 0  # 1: also ours-only bf16 rows (autocast; bf16 weights)
+    bf16: int = 0  # 1: also ours and CrossEncoder with the decoder under bf16 autocast (both blocks)
+    real_bf16: int = 0  # 1: also ours with bf16 weights (and under bf16 autocast) on the real model
 
     @property
     def doc_range(self) -> tuple[int, int]:
@@ -246,8 +257,18 @@ def st_unavailable() -> str:
     return ""
 
 
+def st_reference(variant: str) -> str:
+    """The CrossEncoder row a row is compared with: the one in its numeric mode."""
+    return "st" + BF16 if variant.endswith(BF16) else "st"
+
+
 def make_scorer(variant: str, folder: Path, cfg: RerankConfig, **load):
-    """``fn(pairs) -> list[float]`` of one row, loaded from the exported folder (``fn.reranker``: ours')."""
+    """``fn(pairs) -> list[float]`` of one row, loaded from the exported folder (``fn.model``: the
+    scoring model, ``fn.reranker``: ours')."""
+    if variant.endswith(BF16):
+        score = make_scorer(variant[: -len(BF16)], folder, cfg, **load)
+        C.bf16_autocast(score.model)
+        return score
     if variant in OURS_SETTINGS:
         reranker = Reranker.from_pretrained(
             folder, device="cpu", max_tokens=cfg.max_tokens, **OURS_SETTINGS[variant], **load
@@ -256,15 +277,18 @@ def make_scorer(variant: str, folder: Path, cfg: RerankConfig, **load):
         def score(pairs):
             return reranker.predict(pairs, show_progress_bar=False)
 
-        score.reranker = reranker
+        score.reranker, score.model = reranker, reranker.model
         return score
     if variant == "st":
         from sentence_transformers import CrossEncoder
 
         ce = CrossEncoder(str(folder), device="cpu")
-        return lambda pairs: [
-            float(s) for s in ce.predict(pairs, batch_size=cfg.st_batch_size, show_progress_bar=False)
-        ]
+
+        def score(pairs):
+            return [float(s) for s in ce.predict(pairs, batch_size=cfg.st_batch_size, show_progress_bar=False)]
+
+        score.model = ce.model
+        return score
     raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
 
 
@@ -310,13 +334,13 @@ def max_diff(a, b) -> float:
 
 def compare(results: dict, runners: dict) -> None:
     """Fill each result's largest score difference to ours and to CrossEncoder (rows that ran)."""
-    st = runners.get("st")
     for variant, result in results.items():
         scores = runners[variant].scores
         reference = runners.get(DIFF_REFERENCE.get(variant, "ours"))
         if reference is not None and variant != "ours":
             result.max_score_diff = max_diff(scores, reference.scores)
-        if st is not None and variant != "st":
+        st = runners.get(st_reference(variant))
+        if st is not None and variant != st.variant:
             result.max_diff_vs_st = max_diff(scores, st.scores)
 
 
@@ -324,6 +348,10 @@ def _ratio(row, st) -> str:
     if row is None or st is None or row.skipped or st.skipped:
         return "-"
     return H.fmt_ratio(row.docs_per_s.median / st.docs_per_s.median)
+
+
+def _verdict(ratio: float | None, target: float) -> str:
+    return "-" if ratio is None else ("met" if ratio >= target else "MISSED")
 
 
 def _diff(x: float | None) -> str:
@@ -337,8 +365,8 @@ class Report(H.VocabReport):
     profile: dict = field(default_factory=dict)  # vocab -> token_profile
 
     def speedup(self, vocab: int, variant: str = "ours") -> float | None:
-        """``variant``'s median documents/s / sentence-transformers' (None unless both ran)."""
-        row, st = self.results.get((vocab, variant)), self.results.get((vocab, "st"))
+        """``variant``'s median documents/s / sentence-transformers' in its numeric mode (None unless both ran)."""
+        row, st = self.results.get((vocab, variant)), self.results.get((vocab, st_reference(variant)))
         if row is None or st is None or row.skipped or st.skipped:
             return None
         return row.docs_per_s.median / st.docs_per_s.median
@@ -356,7 +384,7 @@ class Report(H.VocabReport):
                     LABELS[variant],
                     r.docs_per_s.fmt(0),
                     r.ms_per_100.fmt(1),
-                    _ratio(r, self.results.get((vocab, "st"))),
+                    _ratio(r, self.results.get((vocab, st_reference(variant)))),
                     _diff(r.max_diff_vs_st),
                     _diff(r.max_score_diff),
                 ]
@@ -377,12 +405,21 @@ class Report(H.VocabReport):
         out += ["", H.markdown_table(headers, rows), ""]
         ratio_rows = []
         for vocab in cfg.vocab_list:
-            sp = self.speedup(vocab)
-            ours = self.results.get((vocab, "ours"))
-            same = ours is not None and ours.max_diff_vs_st is not None and ours.max_diff_vs_st <= SCORE_ATOL
-            verdict = "" if sp is None else ("met" if sp >= SPEEDUP_TARGET and same else "MISSED")
-            value = "-" if sp is None else f"{sp:.2f}x (|diff| {_diff(ours.max_diff_vs_st)})"
-            ratio_rows.append([f"V={vocab}: ours / CrossEncoder.predict", value, verdict])
+            for variant in ("ours", "ours" + BF16):
+                sp = self.speedup(vocab, variant)
+                if sp is None:
+                    continue
+                ours = self.results[(vocab, variant)]
+                fp32 = variant == "ours"
+                same = not fp32 or (ours.max_diff_vs_st is not None and ours.max_diff_vs_st <= SCORE_ATOL)
+                verdict = (
+                    ("met" if sp >= SPEEDUP_TARGET and same else "MISSED")
+                    + f"; >= {PARITY_TARGET:g}x: "
+                    + (_verdict(sp, PARITY_TARGET) if same else "MISSED")
+                )
+                mode = "fp32" if fp32 else "bf16 autocast, both"
+                value = f"{sp:.2f}x (|diff| {_diff(ours.max_diff_vs_st)})"
+                ratio_rows.append([f"V={vocab}: ours / CrossEncoder.predict, {mode}", value, verdict])
         out.append(
             H.markdown_table(
                 ["documents/s ratio", "value", f"target >= {SPEEDUP_TARGET:g}x at |diff| <= {SCORE_ATOL:g}"],
@@ -392,7 +429,7 @@ class Report(H.VocabReport):
         checks = [
             f"V={v} {var} {'PASS' if r.max_diff_vs_st <= SCORE_ATOL else 'FAIL'} ({r.max_diff_vs_st:.1e})"
             for (v, var), r in self.results.items()
-            if r.max_diff_vs_st is not None
+            if r.max_diff_vs_st is not None and not var.endswith(BF16)
         ]
         if checks:
             out += ["", f"same scores as CrossEncoder on all {self.pairs} pairs (|diff| <= {SCORE_ATOL:g}): "
@@ -436,7 +473,7 @@ def run(cfg: RerankConfig, variants=VARIANTS, log=print, wl: Workload | None = N
 # ---------------------------------------------------------------------------------------
 
 REAL_SCORE_ATOL = 1e-3  # fp32 rows of a 30-layer model: summation order differs (packed vs padded batches)
-REAL_VARIANTS = (*VARIANTS, "ours_bf16_autocast", "ours_bf16_weights")
+REAL_VARIANTS = (*VARIANTS, *BF16_VARIANTS, "ours_bf16_weights")
 REAL_LABELS = {
     "ours": "ours: Reranker.from_pretrained(folder) (shared prefix, batch-invariant), fp32",
     "ours_unshared": "ours, shared_prefix=False (batch-invariant), fp32",
@@ -445,6 +482,7 @@ REAL_LABELS = {
     "ours_exact_unshared": "ours, exact_shared_prefix=True, shared_prefix=False, fp32 (diff: to the row above)",
     "st": "sentence-transformers CrossEncoder(folder).predict, fp32",
     "ours_bf16_autocast": "ours, decoder under bf16 autocast (enable_autocast)",
+    "st_bf16_autocast": "sentence-transformers CrossEncoder(folder).predict, decoder under bf16 autocast",
     "ours_bf16_weights": "ours: Reranker.from_pretrained(folder, dtype=bfloat16)",
 }
 
@@ -497,7 +535,7 @@ class RealReport:
                     REAL_LABELS[variant],
                     r.docs_per_s.fmt(1),
                     r.ms_per_100.fmt(0),
-                    _ratio(r, st),
+                    _ratio(r, self.results.get(st_reference(variant))),
                     _diff(r.max_diff_vs_st),
                     _diff(r.max_score_diff),
                 ]
@@ -514,7 +552,15 @@ class RealReport:
                 f"same scores, ours vs CrossEncoder, fp32, on all {self.pairs} pairs (|diff| <= {REAL_SCORE_ATOL:g}): "
                 f"{'PASS' if ok else 'FAIL'} ({st.max_score_diff:.1e}); documents/s ratio ours / CrossEncoder: "
                 f"{H.fmt_ratio(sp)}x (target >= {SPEEDUP_TARGET:g}x at |diff| <= {SCORE_ATOL:g}: "
-                f"{'met' if target else 'MISSED'})"
+                f"{'met' if target else 'MISSED'}; >= {PARITY_TARGET:g}x: {_verdict(sp, PARITY_TARGET)})"
+            )
+        ours16, st16 = self.results.get("ours" + BF16), self.results.get("st" + BF16)
+        if ours16 is not None and st16 is not None:
+            sp16 = ours16.docs_per_s.median / st16.docs_per_s.median
+            out.append(
+                f"bf16 autocast, both: documents/s ratio ours / CrossEncoder {H.fmt_ratio(sp16)}x (>= "
+                f"{PARITY_TARGET:g}x: {_verdict(sp16, PARITY_TARGET)}), max |score difference| "
+                f"{_diff(ours16.max_diff_vs_st)}"
             )
         return "\n".join(out)
 
@@ -558,13 +604,9 @@ def export_real_model(folder: Path, max_length: int, min_query_tokens: int = 32)
 
 def make_real_scorer(variant: str, folder: Path, cfg: RerankConfig):
     """``fn(pairs) -> list[float]`` of one real-model row, loaded from the exported folder."""
-    if variant in VARIANTS:
-        return make_scorer(variant, folder, cfg)
-    dtype = "bfloat16" if variant == "ours_bf16_weights" else None  # None: fp32 on CPU
-    score = make_scorer("ours", folder, cfg, dtype=dtype)
-    if variant == "ours_bf16_autocast":
-        C.bf16_autocast(score.reranker.model)
-    return score
+    if variant == "ours_bf16_weights":
+        return make_scorer("ours", folder, cfg, dtype="bfloat16")
+    return make_scorer(variant, folder, cfg)
 
 
 def run_real(cfg: RerankConfig, variants=REAL_VARIANTS, log=print) -> RealReport:
@@ -574,8 +616,8 @@ def run_real(cfg: RerankConfig, variants=REAL_VARIANTS, log=print) -> RealReport
     if reason:
         report.skipped = reason
         return report
-    if not cfg.real_bf16:
-        variants = [v for v in variants if not v.startswith("ours_bf16")]
+    if cfg.real_bf16:  # ours in bf16 both ways
+        variants = [*variants, *(v for v in ("ours" + BF16, "ours_bf16_weights") if v not in variants)]
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory(prefix="prorank-rerank-real-") as tmp:
@@ -613,11 +655,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = RerankConfig.from_args(args)
     variants = H.parse_variants(args.variants, VARIANTS)
+    if cfg.bf16:  # each bf16 row with its fp32 counterpart
+        variants += [v for v in BF16_VARIANTS if v[: -len(BF16)] in variants]
     if cfg.rounds < 1 or cfg.warmup < 0 or cfg.queries < 1 or cfg.docs < 1:
         raise SystemExit("--rounds, --queries and --docs must be >= 1, --warmup >= 0")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     report = run(cfg, variants, log=log) if cfg.vocab_list else None
-    real = run_real(cfg, [*variants, *REAL_VARIANTS[len(VARIANTS) :]], log=log) if cfg.real else None
+    real = run_real(cfg, variants, log=log) if cfg.real else None
     if args.json:
         payload = {"config": asdict(cfg)}
         if report is not None:
