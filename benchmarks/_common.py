@@ -345,6 +345,64 @@ def spread_groups(groups: Sequence, n: int) -> list:
 # ---------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------
+# The CPU and its BLAS: MKL's code path is chosen by the CPU's vendor
+# ---------------------------------------------------------------------------------------
+
+# MKL gives non-Intel CPUs a generic sgemm and Intel ones its AVX2 / AVX-512 paths, whose rounding can
+# depend on the thread count (kernels/invariant_matmul.py). Preloaded into a process, this answers MKL's
+# vendor check "Intel", so that an AMD machine runs (and tests) what an Intel one does.
+INTEL_SHIM_C = "int mkl_serv_intel_cpu_true(void) { return 1; }\nint mkl_serv_intel_cpu(void) { return 1; }\n"
+
+
+def cpu_info() -> dict:
+    """vendor, model name and the flags that matter here, from /proc/cpuinfo ({} fields where absent)."""
+    info = {"vendor": "", "model": platform.processor(), "flags": set()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "vendor_id" and not info["vendor"]:
+                info["vendor"] = value.strip()
+            elif key == "model name":
+                info["model"] = value.strip()
+            elif key == "flags" and not info["flags"]:
+                info["flags"] = set(value.split())
+    except OSError:
+        pass
+    return info
+
+
+def describe_cpu() -> str:
+    """'AMD EPYC ... (AuthenticAMD; avx2, avx512f, avx512_bf16; no amx_tile)': the line the results quote."""
+    info = cpu_info()
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in info["flags"]]
+    lack = [f for f in ("avx512f", "amx_tile") if f not in info["flags"]]
+    return f"{info['model']} ({info['vendor']}; {', '.join(have)}" + (f"; no {', '.join(lack)})" if lack else ")")
+
+
+def intel_mkl_env(folder: Path) -> dict | None:
+    """Environment for a subprocess that runs MKL's Intel code paths: {} on an Intel CPU; the shim
+    (compiled into ``folder``) preloaded on other x86 CPUs with AVX2; None where that cannot be
+    (no MKL in torch, no AVX2, no C compiler)."""
+    import shutil
+    import subprocess
+
+    if not torch.backends.mkl.is_available():
+        return None
+    info = cpu_info()
+    if info["vendor"] == "GenuineIntel":
+        return {}
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if "avx2" not in info["flags"] or compiler is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "intel_shim.c").write_text(INTEL_SHIM_C)
+    shim = folder / "libintelshim.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(folder / "intel_shim.c")], check=True)
+    return {"LD_PRELOAD": str(shim)}
+
+
 def liger_version() -> str | None:
     try:
         from importlib.metadata import version

@@ -16,6 +16,8 @@ import pytest
 import torch
 from rerank_helpers import demo_tokenizer, export_tiny
 
+from benchmarks._common import cpu_info
+from benchmarks._common import intel_mkl_env as intel_mkl_env_for
 from prorank_fast.kernels import batch_invariant_linear
 from prorank_fast.modeling import batch_invariant_linears
 from prorank_fast.rerank import Reranker
@@ -285,8 +287,8 @@ def test_default_is_on_on_cpu_and_off_on_cuda_until_measured(reranker):
 # MKL picks its sgemm by CPU vendor: AMD gets a generic path whose rounding does not depend on the
 # thread count, Intel the AVX2 / AVX-512 paths, which split a GEMM's reduction by thread unless
 # strict CNR mode is on (kernels/invariant_matmul.py). So that an AMD machine tests what an Intel
-# one runs, the check runs MKL with its vendor test answered "Intel" (a two-line shim preloaded
-# into a subprocess); on Intel it runs MKL as it is. Each run also sets ATEN_CPU_CAPABILITY.
+# one runs, the check runs MKL with its vendor test answered "Intel" (benchmarks._common's shim,
+# preloaded into a subprocess); on Intel it runs MKL as it is. Each run also sets ATEN_CPU_CAPABILITY.
 
 _TILES_CHECK = r"""
 import json, sys, torch
@@ -318,42 +320,11 @@ print(json.dumps({"failures": failures[:8], "count": len(failures), "plain_split
                   "mkl": mkl_reproducibility(), "capability": torch.backends.cpu.get_cpu_capability()}))
 """
 
-_INTEL_SHIM = "int mkl_serv_intel_cpu_true(void) { return 1; }\nint mkl_serv_intel_cpu(void) { return 1; }\n"
-
-
-def _cpu_info() -> tuple[str, set[str]]:
-    vendor, flags = "", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("vendor_id") and not vendor:
-                vendor = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return vendor, flags
-
 
 @pytest.fixture(scope="module")
 def intel_mkl_env(tmp_path_factory):
-    """Environment for a subprocess that runs MKL's Intel code paths: {} on Intel, the shim preloaded
-    on other x86 CPUs with AVX2 (the paths MKL then takes need it), None where that is impossible."""
-    import shutil
-    import subprocess
-
-    if not torch.backends.mkl.is_available():
-        return None
-    vendor, flags = _cpu_info()
-    if vendor == "GenuineIntel":
-        return {}
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if "avx2" not in flags or compiler is None:
-        return None
-    folder = tmp_path_factory.mktemp("intel-shim")
-    (folder / "shim.c").write_text(_INTEL_SHIM)
-    shim = folder / "libintelshim.so"
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(folder / "shim.c")], check=True)
-    return {"LD_PRELOAD": str(shim)}
+    """The environment that runs MKL's Intel code paths here (benchmarks._common.intel_mkl_env), or None."""
+    return intel_mkl_env_for(tmp_path_factory.mktemp("intel-shim"))
 
 
 def _run_tiles_check(env_extra: dict) -> dict:
@@ -369,7 +340,7 @@ def _run_tiles_check(env_extra: dict) -> dict:
 
 
 def _capabilities() -> list[str]:
-    _, flags = _cpu_info()
+    flags = cpu_info()["flags"]
     return ["default"] + [c for c, f in (("avx2", "avx2"), ("avx512", "avx512f")) if f in flags]
 
 
