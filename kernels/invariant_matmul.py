@@ -35,11 +35,12 @@ import os
 import warnings
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import launch_table
 from ._utils import triton_available
 
-__all__ = ["TILE_ROWS", "batch_invariant_linear", "mkl_reproducibility"]
+__all__ = ["TILE_ROWS", "batch_invariant_linear", "forget_weight_casts", "mkl_reproducibility"]
 
 # Rows per GEMM call on CPU. 128 keeps the zero-padding of a short call small; per-call
 # overhead and cache use are measured in benchmarks/rerank.py (invariant vs not).
@@ -195,18 +196,49 @@ def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
+# weight -> ((data_ptr, version, dtype), the weight in that dtype): each weight cast once per version,
+# as autocast's cache casts a parameter once per autocast region. Without it every call made (and,
+# with gradients, kept for backward) its own copy: 212 MB per SmolLM2 decoder pass under bf16
+# autocast, and stage 1's policy pass runs one pass per completion token. An optimizer step bumps
+# the version; at most one copy per weight is kept, and it goes with the weight.
+_CASTS = WeakIdKeyDictionary()  # by identity: a tensor's == is elementwise
+
+
+def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if weight.dtype == dtype:
+        return weight
+    key = (weight.data_ptr(), weight._version, dtype)
+    hit = _CASTS.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    cast = weight.detach().to(dtype)
+    _CASTS[weight] = (key, cast)
+    return cast
+
+
+def forget_weight_casts() -> None:
+    """Drop every cached cast. The trainer calls it after each optimizer step: an in-place update
+    bumps a weight's version, but a weight refilled by other means (FSDP's all-gather into the
+    same storage) might not."""
+    _CASTS.clear()
+
+
 class _InvariantLinear(torch.autograd.Function):
+    """x (already in the compute dtype) @ weight.T, the weight cast to x's dtype inside: the backward
+    returns the weight's gradient in the weight's own dtype, as autocast's cast would."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, tile, use_triton):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _triton_linear(x, weight, bias) if use_triton else _tiled_linear(x, weight, bias, tile)
+        w = _cast(weight, x.dtype)
+        return _triton_linear(x, w, bias) if use_triton else _tiled_linear(x, w, bias, tile)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        gx = grad @ weight if ctx.needs_input_grad[0] else None
-        gw = grad.t() @ x if ctx.needs_input_grad[1] else None
+        gx = grad @ _cast(weight, x.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad.t() @ x).to(weight.dtype) if ctx.needs_input_grad[1] else None
         gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None
 
@@ -250,9 +282,8 @@ def batch_invariant_linear(
     rows = x.reshape(-1, x.shape[-1]).to(dtype)
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    weight = weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    with torch.autocast(x.device.type, enabled=False):  # the casts above are autocast's, done once for all tiles
+    with torch.autocast(x.device.type, enabled=False):  # the casts are autocast's, done once for all tiles
         out = _InvariantLinear.apply(rows, weight, bias, tile, use_triton)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 

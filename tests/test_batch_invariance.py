@@ -156,6 +156,31 @@ def test_the_triton_matmul_rows_do_not_depend_on_m(m):
     assert torch.allclose(batch_invariant_linear(x[:m], w, b), got, atol=1e-4)
 
 
+def test_the_weight_cast_follows_the_weight():
+    """Under autocast the weight is cast once per version (kernels.invariant_matmul._cast): an
+    in-place update, as an optimizer step makes, reaches the next call, and the gradients reach
+    the fp32 weight and input as autocast's F.linear sends them."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(48, 32))
+    x = torch.randn(5, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, plain = batch_invariant_linear(x, w), torch.nn.functional.linear(x, w)
+    assert ours.dtype == plain.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    grads = []
+    for out in (ours, plain):
+        w.grad = x.grad = None
+        out.float().square().sum().backward()
+        grads.append((w.grad, x.grad))
+    assert grads[0][0].dtype == torch.float32 and grads[0][1].dtype == torch.float32
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+    with torch.no_grad():
+        w.mul_(2)  # in place: the version changes, the cached bf16 copy must not be used
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(batch_invariant_linear(x, w), 2 * ours)  # x 2 is exact in bf16
+
+
 def test_batch_invariant_linear_rejects_bad_arguments():
     with pytest.raises(ValueError, match="disagree"):
         batch_invariant_linear(torch.randn(3, 4), torch.randn(5, 6))

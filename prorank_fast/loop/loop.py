@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from prorank_fast.kernels.invariant_matmul import forget_weight_casts
+
 from ..errors import RecipeError
 from ..packing import plan_micro_batches
 from .checkpoint import Checkpointer
@@ -119,6 +121,7 @@ def run_loop(model, step_fn, settings: LoopSettings, tcfg, d: Dist, init_state) 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         optimizer.step()
+        forget_weight_casts()  # in-place steps bump versions, but FSDP's gathered weights may not
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
