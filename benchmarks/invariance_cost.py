@@ -15,7 +15,8 @@ Per process: one SmolLM2-135M layer's linears (q, k, v, o, gate, up, down: 576 -
 stage-1 prompt pass, 16 prompts of 260 tokens) and M = 128 (a decode step of 16 x 8 completions) and
 M = 16 (a decode step of 2 prompts' completions, padded to a tile): the layer's ms through
 ``F.linear`` (all rows in one call) and through ``batch_invariant_linear`` (tiles of ``TILE_ROWS``),
-median of ``--rounds`` after one warm-up, and their ratio. Rows of both modes side by side; the last
+median of ``--rounds`` after one warm-up, and their ratio. The weights are parameters (as in a model, no
+gradients recorded): under autocast both paths cast each once, not per call. Rows of both modes side by side; the last
 column is strict's tiles against auto's tiles (what strict CNR costs where invariance needs it).
 
     python -m benchmarks.invariance_cost [--rounds 5] [--json out.json]
@@ -43,7 +44,9 @@ import torch.nn.functional as F
 from prorank_fast.kernels.invariant_matmul import batch_invariant_linear, mkl_reproducibility
 layer, rows, rounds = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
-weights = [torch.randn(n, k) / k**0.5 for k, n in layer]
+# parameters, as in a model: autocast caches a parameter's bf16 cast per region, as ours does per version
+weights = [torch.nn.Parameter(torch.randn(n, k) / k**0.5) for k, n in layer]
+torch.set_grad_enabled(False)
 def timed(fn):
     fn()
     times = []
