@@ -500,9 +500,9 @@ class RealReport:
     other_cpus: float | None = None
     threads: int = 0
 
-    def speedup(self, variant: str = "st") -> float | None:
-        """ours' median documents/s / ``variant``'s."""
-        ours, row = self.results.get("ours"), self.results.get(variant)
+    def speedup(self, variant: str = "st", ours: str = "ours") -> float | None:
+        """``ours``' median documents/s / ``variant``'s."""
+        ours, row = self.results.get(ours), self.results.get(variant)
         if ours is None or row is None:
             return None
         return ours.docs_per_s.median / row.docs_per_s.median
@@ -554,9 +554,9 @@ class RealReport:
                 f"{H.fmt_ratio(sp)}x (target >= {SPEEDUP_TARGET:g}x at |diff| <= {SCORE_ATOL:g}: "
                 f"{'met' if target else 'MISSED'}; >= {PARITY_TARGET:g}x: {_verdict(sp, PARITY_TARGET)})"
             )
-        ours16, st16 = self.results.get("ours" + BF16), self.results.get("st" + BF16)
-        if ours16 is not None and st16 is not None:
-            sp16 = ours16.docs_per_s.median / st16.docs_per_s.median
+        sp16 = self.speedup("st" + BF16, ours="ours" + BF16)
+        if sp16 is not None:
+            ours16 = self.results["ours" + BF16]
             out.append(
                 f"bf16 autocast, both: documents/s ratio ours / CrossEncoder {H.fmt_ratio(sp16)}x (>= "
                 f"{PARITY_TARGET:g}x: {_verdict(sp16, PARITY_TARGET)}), max |score difference| "
