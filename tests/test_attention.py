@@ -206,6 +206,36 @@ def test_sdpa_backend_matches_reference():
         torch.testing.assert_close(out, _reference_varlen(q, k, v, cu_list, causal), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_query_row_attention_is_each_rows_decode_step_bitwise(dtype):
+    """Keys longer than queries (a shared prefix; one sequence without one): each query row gets
+    the bits of a decode step -- varlen attention over that row alone with the keys it may see --
+    and the gradients are the per-sequence pass's to rounding."""
+    torch.manual_seed(3)
+    lq, lk = [5, 1, 3, 4], [12, 6, 3, 20]  # the third sequence has no prefix
+    cu_q = torch.tensor([0, *lq]).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *lk]).cumsum(0).to(torch.int32)
+    q = torch.randn(sum(lq), 6, 8, dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(lk), 2, 8, dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(lk), 2, 8, dtype=dtype, requires_grad=True)
+    out = attn.per_query_row_attention(q, k, v, cu_q, cu_k)
+    for j in range(len(lq)):
+        for t in range(lq[j]):
+            row, seen = int(cu_q[j]) + t, lk[j] - lq[j] + t + 1
+            keys = slice(int(cu_k[j]), int(cu_k[j]) + seen)
+            one = torch.tensor([0, 1], dtype=torch.int32)
+            step = attn.varlen_attention(
+                q[row : row + 1], k[keys], v[keys], one, torch.tensor([0, seen], dtype=torch.int32), backend="sdpa"
+            )
+            assert torch.equal(out[row], step[0]), (j, t)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    plain = torch.autograd.grad(attn.varlen_attention(q, k, v, cu_q, cu_k, backend="sdpa"), (q, k, v), grad)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=3e-2)
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
 # --- torch.nn.attention.varlen.varlen_attn across releases: the adapter, against fakes on CPU ---
 
 

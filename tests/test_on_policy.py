@@ -80,8 +80,8 @@ def test_two_token_completions_answer_and_end_token_are_bitwise_too(lm, seed):
 
 @pytest.mark.parametrize("max_new_tokens", [3, 6])
 def test_longer_completions_are_bitwise_too(lm, max_new_tokens):
-    """With batch invariance the policy pass runs the completion row token by token, as the
-    sampler decoded it: every token's log-prob is the sampler's, bit for bit, whatever the
+    """With batch invariance each token of the policy pass's completion row attends as the
+    sampler's decode step did: every token's log-prob is the sampler's, bit for bit, whatever the
     lengths (mixed here: stop token 0 ends some early), and gradients flow as in one pass."""
     prompts, _, _ = _random_case([7, 12, 3], [[]] * 3, seed=5)
     policy = PolicyForGRPO(lm)
@@ -96,6 +96,23 @@ def test_longer_completions_are_bitwise_too(lm, max_new_tokens):
     policy(batch, head="logprobs", options=GRPOOptions(temperature=0.7)).sum().backward()
     for a, b in zip(by_token, [p.grad for p in lm.parameters()], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # one pass: the same gradient to rounding
+    lm.zero_grad(set_to_none=True)
+
+
+def test_longer_completions_are_bitwise_under_bf16_autocast(lm):
+    """As the SmolLM2 recipe runs it: the decoder under bf16 autocast (q and k leave the rotary
+    table in fp32, v in bf16), sampler and policy pass alike; the backward runs too."""
+    prompts, _, _ = _random_case([7, 12, 3], [[]] * 3, seed=6)
+    policy = PolicyForGRPO(lm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        completions, sampled = _sample(policy, prompts, 4, seed=9)
+        assert max(len(c) for c in completions) > 2
+        batch = make_group_batch(prompts, completions, [i for i in range(3) for _ in range(4)])
+        ours = policy(batch, head="logprobs", options=OPTIONS)
+    assert torch.equal(ours.detach(), torch.cat(sampled))
+    lm.zero_grad(set_to_none=True)
+    ours.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lm.parameters())
     lm.zero_grad(set_to_none=True)
 
 

@@ -70,13 +70,15 @@ class PolicyForGRPO(torch.nn.Module):
         """[N, H]: for each completion token, the hidden state that predicts it."""
         return self._states(batch).index_select(0, batch.pred_index)
 
-    def _states(self, batch: GroupBatch, token_by_token: bool = False) -> torch.Tensor:
+    def _states(self, batch: GroupBatch, as_decoded: bool = False) -> torch.Tensor:
         """cat([each prompt's last state [P, H], the completion row's states]): pred_index's domain.
 
-        token_by_token: the completion row runs as the sampler decodes it, one pass per position
-        (each completion's t-th input token attending to its prompt and its own earlier tokens), so
-        that every completion token's state is computed exactly as at sampling time; otherwise
-        one pass for the whole row (several queries per completion, equal to rounding)."""
+        as_decoded: every completion token's state is computed exactly as at sampling time, where
+        the t-th input token of a completion ran alone, attending to its prompt and its own earlier
+        tokens. On CPU the completion row runs in one pass whose attention makes that call for each
+        token (attention.per_query_row_attention; the linears are batch-invariant); elsewhere the
+        row runs token by token, one pass per position. Otherwise one plain pass (several queries
+        per completion, equal to rounding)."""
         device = batch.prompt_ids.device
         prefix = SharedPrefix()
         prefix.begin_pass(
@@ -87,12 +89,13 @@ class PolicyForGRPO(torch.nn.Module):
         states = [prompt_states.index_select(0, last)]
         if batch.comp_lengths:
             ranges = prompt_ranges(batch.prompt_lengths)
-            if token_by_token and max(batch.comp_lengths) > 1:
+            if as_decoded and max(batch.comp_lengths) > 1 and device.type != "cpu":
                 states.append(self._completion_states_token_by_token(batch, prefix, ranges))
             else:
                 prefix.begin_pass(
-                    [ranges[p] for p in batch.comp_prompt], batch.comp_lengths, append=False, device=device
-                )
+                    [ranges[p] for p in batch.comp_prompt], batch.comp_lengths, append=False, device=device,
+                    per_query_row=as_decoded and max(batch.comp_lengths) > 1,
+                )  # fmt: skip
                 states.append(self._decoder(batch.comp_ids, batch.comp_positions, prefix))
         return torch.cat(states)
 
@@ -140,7 +143,7 @@ class PolicyForGRPO(torch.nn.Module):
             )  # fmt: skip
             return tokens, logp.view(-1, n)
         with batch_invariant_linears(self.lm, o.batch_invariant):
-            states = self._states(batch, token_by_token=o.batch_invariant)
+            states = self._states(batch, as_decoded=o.batch_invariant)
         hidden = states.index_select(0, batch.pred_index)
         if head == "logprobs":
             return fused_linear_logprobs(

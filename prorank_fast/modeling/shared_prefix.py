@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import varlen_attention
+from .attention import per_query_row_attention, varlen_attention
 
 
 class SharedPrefix:
@@ -31,10 +31,14 @@ class SharedPrefix:
         self.size = 0  # tokens in the store once the current pass has run
         self._base = 0
 
-    def begin_pass(self, prefixes: list[torch.Tensor], new_lengths: list[int], *, append: bool, device) -> None:
+    def begin_pass(
+        self, prefixes: list[torch.Tensor], new_lengths: list[int], *, append: bool, device, per_query_row: bool = False
+    ) -> None:
         """Describe the next forward. prefixes: one int64 tensor of store positions per
         sequence (may be empty); new_lengths: the new tokens of each sequence, in row order.
-        append: the pass's keys/values join the store (at positions size, size + 1, ...)."""
+        append: the pass's keys/values join the store (at positions size, size + 1, ...).
+        per_query_row: every new token attends as a decode step of its own would
+        (attention.per_query_row_attention): one pass with the bits of one pass per position."""
         if len(prefixes) != len(new_lengths):
             raise ValueError(f"{len(prefixes)} prefixes for {len(new_lengths)} sequences")
         if any(n < 1 for n in new_lengths):
@@ -58,6 +62,7 @@ class SharedPrefix:
         self.max_q, self.max_k = max(new_lengths), max(k_lengths)
         self.total_new = total_new
         self.append = append
+        self.per_query_row = per_query_row
         self._base = base
         if append:
             self.size = base + total_new
@@ -78,6 +83,8 @@ class SharedPrefix:
         if self.append:
             self.keys[layer], self.values[layer] = all_k, all_v
         full_k, full_v = all_k.index_select(0, self.gather), all_v.index_select(0, self.gather)
+        if self.per_query_row:
+            return per_query_row_attention(q, full_k, full_v, self.cu_q, self.cu_k, scale=scale, causal=causal)
         return varlen_attention(
             q, full_k, full_v, self.cu_q, self.cu_k, self.max_q, self.max_k, scale=scale, causal=causal
         )
