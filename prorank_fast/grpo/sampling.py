@@ -59,8 +59,8 @@ def sample_group_completions(
     earlier tokens. A completion ends after a stop token or at max_new_tokens. `policy` is
     called as policy(head="sample", ...) so FSDP gathers the head. The log-probs are computed
     as the policy pass computes them (`options`: temperature, batch_invariant): with
-    batch_invariant they are the policy pass's own, bit for bit (the policy pass then runs the
-    completion row token by token, as these decode steps do: PolicyForGRPO._states).
+    batch_invariant they are the policy pass's own, bit for bit (each token of the policy pass's
+    completion row then attends as its decode step here did: PolicyForGRPO._states).
     """
     device = torch.device(device) if device is not None else next(policy.parameters()).device
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.int64)
