@@ -89,12 +89,13 @@ class PolicyForGRPO(torch.nn.Module):
         states = [prompt_states.index_select(0, last)]
         if batch.comp_lengths:
             ranges = prompt_ranges(batch.prompt_lengths)
-            if as_decoded and max(batch.comp_lengths) > 1 and device.type != "cpu":
+            several_queries = as_decoded and max(batch.comp_lengths) > 1  # one token per completion: already as decoded
+            if several_queries and device.type != "cpu":
                 states.append(self._completion_states_token_by_token(batch, prefix, ranges))
             else:
                 prefix.begin_pass(
                     [ranges[p] for p in batch.comp_prompt], batch.comp_lengths, append=False, device=device,
-                    per_query_row=as_decoded and max(batch.comp_lengths) > 1,
+                    per_query_row=several_queries,
                 )  # fmt: skip
                 states.append(self._decoder(batch.comp_ids, batch.comp_positions, prefix))
         return torch.cat(states)
