@@ -48,6 +48,7 @@ def train(recipe: Recipe) -> dict:
     if d.main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     d.barrier()
+    d.close()
     return summary
 
 

@@ -187,6 +187,35 @@ def test_fsdp_two_processes_match_one(tmp_path):
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-5), name
 
 
+def test_process_group_is_destroyed_by_whoever_made_it(tmp_path, monkeypatch):
+    """A finished torchrun rank destroys the gloo group it made before the interpreter exits: left to
+    exit, gloo's threads aborted a finished rank in CI (SIGABRT after summary.json). A group the caller
+    made stays the caller's. The world of 2 is a world of 1 here, so it runs in one process."""
+    import torch.distributed as dist
+
+    from prorank_fast.loop import setup_distributed
+
+    init = dist.init_process_group
+
+    def init_alone(backend, store):
+        init(backend, init_method=f"file://{tmp_path / store}", rank=0, world_size=1)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: init_alone(backend, "ours"))
+    d = setup_distributed("cpu")
+    assert dist.is_initialized() and d.owns_group
+    d.close()
+    assert not dist.is_initialized()
+
+    init_alone("gloo", "callers")
+    try:
+        d = setup_distributed("cpu")
+        d.close()
+        assert dist.is_initialized() and not d.owns_group
+    finally:
+        dist.destroy_process_group()
+
+
 # Stage 1 then stage 2, cut down: 50 GRPO steps learn the answer format from a random init.
 CHAIN = [
     "data.demo_queries=60",

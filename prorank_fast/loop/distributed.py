@@ -21,6 +21,7 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # setup_distributed created the process group, so close() destroys it
 
     @property
     def main(self) -> bool:
@@ -48,6 +49,15 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def close(self) -> None:
+        """Destroy the process group this process created, after a run that succeeded: left to
+        interpreter exit, gloo's worker threads can abort a finished rank (SIGABRT, "terminate called
+        without an active exception"). Not on failure: destroying while other ranks sit in a
+        collective can hang, and torchrun stops them anyway."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
 
 def setup_distributed(device_pref: str) -> Dist:
     """Init the process group when launched by torchrun (WORLD_SIZE set)."""
@@ -60,9 +70,10 @@ def setup_distributed(device_pref: str) -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank, device)
+    return Dist(rank, world, local_rank, device, owns_group)
 
 
 def set_seed(seed: int) -> None:
