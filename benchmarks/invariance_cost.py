@@ -14,7 +14,7 @@ Per process: one SmolLM2-135M layer's linears (q, k, v, o, gate, up, down: 576 -
 1536, 1536, 1536 -> 576) on M rows, fp32 and under bf16 autocast, at 1 and 2 threads, M = 4160 (a
 stage-1 prompt pass, 16 prompts of 260 tokens) and M = 128 (a decode step of 16 x 8 completions) and
 M = 16 (a decode step of 2 prompts' completions, padded to a tile): the layer's ms through
-``F.linear`` (all rows in one call) and through ``batch_invariant_linear`` (tiles of ``TILE_ROWS``),
+``F.linear`` (all rows in one call) and through ``batch_invariant_linear`` (its tiles: 128 rows for these weights),
 median of ``--rounds`` after one warm-up, and their ratio. The weights are parameters (as in a model, no
 gradients recorded): under autocast both paths cast each once, not per call. Rows of both modes side by side; the last
 column is strict's tiles against auto's tiles (what strict CNR costs where invariance needs it).

@@ -7,9 +7,10 @@ another from M = 7 on). A reranker that packs a variable number of tokens per ca
 a pair a score that depends on its neighbours. Here every row's arithmetic is fixed by
 construction:
 
-* CPU: the rows go through the library in tiles of exactly ``TILE_ROWS`` rows (the last tile
-  zero-padded), so every GEMM call has the same shape and hence the same kernel; a row's
-  output is a function of its own inputs and of that shape only. One more input picks MKL's
+* CPU: the rows go through the library in tiles of exactly ``tile_rows_for(weight)`` rows (the
+  last tile zero-padded; the count depends on the weight's shape alone), so every GEMM call with
+  a weight has the same shape and hence the same kernel; a row's output is a function of its own
+  inputs and of that shape only. One more input picks MKL's
   kernel: the thread count. On its AVX2 / AVX-512 code paths (Intel CPUs; AMD gets a generic
   path) MKL's sgemm splits a tile's reduction by thread, so 1 thread and 2 round differently
   (SmolLM2's MLP down projection, K 1536 -> 576: 1.5e-5 on a score). MKL's strict conditional
@@ -40,11 +41,17 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import launch_table
 from ._utils import triton_available
 
-__all__ = ["TILE_ROWS", "batch_invariant_linear", "forget_weight_casts", "mkl_reproducibility"]
+__all__ = ["TILE_ROWS", "batch_invariant_linear", "forget_weight_casts", "mkl_reproducibility", "tile_rows_for"]
 
-# Rows per GEMM call on CPU. 128 keeps the zero-padding of a short call small; per-call
-# overhead and cache use are measured in benchmarks/rerank.py (invariant vs not).
+# Rows per GEMM call on CPU for weights of at least _TILE_MACS / TILE_ROWS elements (every
+# projection of SmolLM2 and larger): 128 keeps the zero-padding of a short call small. A smaller
+# weight takes more rows, doubling until a tile is _TILE_MACS multiply-adds (at most
+# _MAX_TILE_ROWS): at hidden 64 a 128-row tile is a ~0.5M-MAC GEMM whose per-call cost, on one
+# thread, made invariance cost 14% of a rerank (benchmarks/rerank.py, invariant vs not). The tile
+# depends on the weight's shape only, never on the call's rows, so a row's bits still do not.
 TILE_ROWS = 128
+_TILE_MACS = 2**23
+_MAX_TILE_ROWS = 2048
 # The CUDA kernel's blocks, warps and stages come from launch_table (MATMUL_*): fixed, since a
 # change of blocks would change the rounding of every row.
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # tl.dot has no fp64 into fp32
@@ -180,6 +187,15 @@ def _warn_unless_reproducible(dtype: torch.dtype) -> None:
             )
 
 
+def tile_rows_for(weight: torch.Tensor) -> int:
+    """Rows per library GEMM for ``weight`` [N, K]: ``TILE_ROWS``, doubled while a tile is under
+    ``_TILE_MACS`` multiply-adds, up to ``_MAX_TILE_ROWS``."""
+    rows, macs = TILE_ROWS, weight.shape[0] * weight.shape[1]
+    while rows < _MAX_TILE_ROWS and rows * macs < _TILE_MACS:
+        rows *= 2
+    return rows
+
+
 def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
     m, k = x.shape
     full = m - m % tile
@@ -255,8 +271,9 @@ def batch_invariant_linear(
 
     Args:
         x: [..., K] (flattened to rows). weight: [N, K]. bias: [N] or None.
-        tile_rows: rows per library GEMM (default ``TILE_ROWS``); a fixed tile is what makes
-            rows invariant, so compare only results computed with the same tile.
+        tile_rows: rows per library GEMM (default ``tile_rows_for(weight)``, by the weight's
+            shape); a fixed tile is what makes rows invariant, so compare only results computed
+            with the same tile.
         impl: "auto" (the Triton kernel on CUDA, library tiles elsewhere), "tiles" (library
             GEMMs on fixed tiles on any device), "triton".
 
@@ -265,7 +282,7 @@ def batch_invariant_linear(
     """
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"batch_invariant_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree")
-    tile = TILE_ROWS if tile_rows is None else int(tile_rows)
+    tile = tile_rows_for(weight) if tile_rows is None else int(tile_rows)
     if tile < 1:
         raise ValueError(f"tile_rows must be >= 1, got {tile_rows}")
     if impl not in ("auto", "tiles", "triton"):

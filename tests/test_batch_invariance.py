@@ -317,14 +317,17 @@ def test_default_is_on_on_cpu_and_off_on_cuda_until_measured(reranker):
 
 _TILES_CHECK = r"""
 import json, sys, torch
-from prorank_fast.kernels.invariant_matmul import batch_invariant_linear, mkl_reproducibility
+from prorank_fast.kernels.invariant_matmul import batch_invariant_linear, mkl_reproducibility, tile_rows_for
 torch.manual_seed(0)
-# SmolLM2-135M's shapes: q/k/v/o, MLP up and down (the down projection's K 1536 is the one that split)
-shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+# SmolLM2-135M's shapes: q/k/v/o, MLP up and down (the down projection's K 1536 is the one that split);
+# the tiny model's, whose small weights take tiles of 1024 and 2048 rows
+shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576), (64, 64), (64, 32), (64, 192), (192, 64)]
 failures, plain_split = [], False
 for k, n in shapes:
-    w, x0 = torch.randn(n, k), torch.randn(300, k)
-    buffer = torch.empty(300 * k + 15)
+    tile = tile_rows_for(torch.empty(n, k))
+    m = 2 * tile + 44  # two whole tiles and a padded one
+    w, x0 = torch.randn(n, k), torch.randn(m, k)
+    buffer = torch.empty(m * k + 15)
     for autocast in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             torch.set_num_threads(2)
@@ -332,15 +335,26 @@ for k, n in shapes:
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)
                 for offset in (0, 1, 3, 8, 15):  # the same rows 4-60 bytes off a 64-byte line
-                    x = buffer[offset : offset + 300 * k].view(300, k)
+                    x = buffer[offset : offset + m * k].view(m, k)
                     x.copy_(x0)
-                    for rows in (slice(0, 300), slice(0, 1), slice(17, 145)):
+                    for rows in (slice(0, m), slice(0, 1), slice(17, tile + 17)):
                         if not torch.equal(batch_invariant_linear(x[rows], w), ref[rows]):
                             failures.append([k, n, autocast, threads, offset, str(rows)])
             torch.set_num_threads(1)
             one = x0[:128] @ w.t()
             torch.set_num_threads(2)
             plain_split |= not torch.equal(one, x0[:128] @ w.t())
+# the MLP's activation, on all threads at a SIMD-only length (plain fp32 SiLU varies with size and offset)
+from prorank_fast.modeling.invariant import _on_simd_lanes
+silu, x0 = torch.nn.functional.silu, torch.randn(100003) * 6
+for dtype in (torch.float32, torch.bfloat16):
+    torch.set_num_threads(2)
+    ref = _on_simd_lanes(silu, x0.to(dtype))
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        for start, m in ((0, 100003), (5, 17), (17, 31), (0, 1000), (1001, 65537)):
+            if not torch.equal(_on_simd_lanes(silu, x0.to(dtype)[start : start + m]), ref[start : start + m]):
+                failures.append(["silu", str(dtype), threads, start, m])
 print(json.dumps({"failures": failures[:8], "count": len(failures), "plain_split": plain_split,
                   "mkl": mkl_reproducibility(), "capability": torch.backends.cpu.get_cpu_capability()}))
 """
@@ -371,9 +385,10 @@ def _capabilities() -> list[str]:
 
 @pytest.mark.parametrize("capability", _capabilities())
 def test_tiles_do_not_depend_on_threads_addresses_or_simd_level_on_mkls_intel_paths(intel_mkl_env, capability):
-    """batch_invariant_linear on SmolLM2's shapes, fp32 and bf16 autocast, against itself at
-    1, 2 and 3 threads, with its rows at 5 byte offsets from a cache line and in 3 sub-batches:
-    the same bits, on MKL's Intel code paths, as it is by default (strict CNR chosen at import)."""
+    """batch_invariant_linear on SmolLM2's and the tiny model's shapes, fp32 and bf16 autocast,
+    against itself at 1, 2 and 3 threads, with its rows at 5 byte offsets from a cache line and in 3
+    sub-batches: the same bits, on MKL's Intel code paths, as it is by default (strict CNR chosen at
+    import). The MLP's SiLU likewise, at 5 sizes and offsets."""
     if intel_mkl_env is None:
         pytest.skip("MKL's Intel code paths cannot run here (no MKL, no AVX2, or no C compiler for the shim)")
     result = _run_tiles_check({**intel_mkl_env, "ATEN_CPU_CAPABILITY": capability})

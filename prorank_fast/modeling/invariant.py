@@ -9,9 +9,10 @@ result depend on the rest of a packed batch:
 * Transcendental element-wise ops on CPU (the MLP's SiLU, rotary cos/sin): ATen computes the
   bulk of a tensor with SIMD (SLEEF) and the remainder of each thread's chunk with scalar
   libm, which can differ by an ulp, and where a chunk ends depends on the tensor's size and
-  the thread count. They run on fixed tiles of at most 32768 elements (ATen's grain size: one
-  thread per tile) and a multiple of 32 (no scalar remainder), so every element takes the SIMD
-  path. The rotary cos/sin come from a table computed once that way, indexed by position.
+  the thread count. The activation runs in one call at a length (zero-padded) that every
+  thread's chunk divides into whole SIMD steps, so every element takes the SIMD path on all
+  threads. The rotary cos/sin come from a table computed once on tiles of at most 32768
+  elements (ATen's grain size: one thread per tile), a multiple of 32, indexed by position.
 
 Norms reduce row by row, and varlen attention works sequence by sequence; neither depends on
 the batch. But SDPA's CPU kernel blocks a sequence's queries and keys by its lengths, so a
@@ -51,16 +52,22 @@ def _tile_rows(width: int) -> int:
     )
 
 
-def _on_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    width = x.shape[-1]
-    rows = x.reshape(-1, width)
-    tile = _tile_rows(width)
-    m = rows.shape[0]
-    pad = -m % tile
-    if pad:
-        rows = torch.cat([rows, rows.new_zeros(pad, width)])
-    out = torch.cat([fn(rows[i : i + tile]) for i in range(0, rows.shape[0], tile)])
-    return out[:m].reshape(*x.shape[:-1], out.shape[-1])
+def _simd_step(dtype: torch.dtype) -> int:
+    """Elements per iteration of ATen's vectorized loop: two 512-bit vectors (16 fp32 or 32 bf16
+    lanes each; the AVX2 loop's step divides it)."""
+    return 2 * 64 // dtype.itemsize
+
+
+def _on_simd_lanes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Element-wise fn of x in one call on all threads, at a length whose every thread's chunk is
+    whole SIMD steps (zero-padded when it is not already): every element takes the SIMD path
+    whatever the tensor's size and the thread count."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    length = _simd_only_length(n, _simd_step(x.dtype))
+    if length != n:
+        flat = torch.cat([flat, flat.new_zeros(length - n)])
+    return fn(flat)[:n].view(x.shape)
 
 
 def _linear_forward(module: torch.nn.Linear):
@@ -73,7 +80,7 @@ def _activation_forward(module: torch.nn.Module):
     def forward(x):
         if x.device.type != "cpu":
             return original(module, x)
-        return _on_tiles(lambda t: original(module, t), x)
+        return _on_simd_lanes(lambda t: original(module, t), x)
 
     return forward
 
@@ -110,20 +117,20 @@ _BLOCK = 64  # query rows and keys per attention block: every score and value GE
 _TILES_PER_STEP = 16  # query tiles per block step (speed only: tiles never interact)
 
 
-def _simd_only_length(n: int) -> int:
+def _simd_only_length(n: int, step: int = _SIMD_STEP) -> int:
     """The smallest length >= n that ATen's parallel loop cuts into chunks of whole SIMD steps.
 
     An element-wise op over a contiguous tensor runs at::parallel_for(0, numel, _GRAIN): tasks =
     min(ceil(numel / _GRAIN), threads), each a chunk of ceil(numel / tasks) elements whose
     remainder modulo the SIMD step takes the scalar path. At a length that is a multiple of
-    tasks * _SIMD_STEP every chunk is whole SIMD steps, on every thread count."""
+    tasks * step every chunk is whole SIMD steps, on every thread count."""
     threads = torch.get_num_threads()
-    length = -(-n // _SIMD_STEP) * _SIMD_STEP
+    length = -(-n // step) * step
     while True:
         tasks = min(-(-length // _GRAIN), threads)
-        if length % (tasks * _SIMD_STEP) == 0:
+        if length % (tasks * step) == 0:
             return length
-        length += _SIMD_STEP
+        length += step
 
 
 def _exp(x: torch.Tensor) -> torch.Tensor:
