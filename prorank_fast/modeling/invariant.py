@@ -37,25 +37,26 @@ from .attention import override_cpu_attention
 __all__ = ["batch_invariant_linears", "blocked_attention"]
 
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: below it, ATen runs an element-wise op on one thread
-_SIMD_STEP = 32  # ATen's vectorized loop takes 2 x 16 fp32 lanes at a time (AVX-512); 32 covers AVX2 too
 _DYNAMIC_ROPE = ("dynamic", "longrope")  # inv_freq changes with the sequence length: no fixed table
-
-
-def _tile_rows(width: int) -> int:
-    """Rows per element-wise tile: rows * width <= _GRAIN and a multiple of _SIMD_STEP."""
-    for rows in range(max(_GRAIN // max(width, 1), 1), 0, -1):
-        if rows * width % _SIMD_STEP == 0 and rows * width <= _GRAIN:
-            return rows
-    raise ValueError(
-        f"batch_invariant=True: a row of {width} elements cannot be tiled into SIMD-only chunks of at most "
-        f"{_GRAIN} elements; pass batch_invariant=False"
-    )
 
 
 def _simd_step(dtype: torch.dtype) -> int:
     """Elements per iteration of ATen's vectorized loop: two 512-bit vectors (16 fp32 or 32 bf16
     lanes each; the AVX2 loop's step divides it)."""
     return 2 * 64 // dtype.itemsize
+
+
+def _tile_rows(width: int) -> int:
+    """Rows per element-wise tile: rows * width <= _GRAIN and a multiple of the fp32 SIMD step (the
+    rotary table computes in fp32)."""
+    step = _simd_step(torch.float32)
+    for rows in range(max(_GRAIN // max(width, 1), 1), 0, -1):
+        if rows * width % step == 0 and rows * width <= _GRAIN:
+            return rows
+    raise ValueError(
+        f"batch_invariant=True: a row of {width} elements cannot be tiled into SIMD-only chunks of at most "
+        f"{_GRAIN} elements; pass batch_invariant=False"
+    )
 
 
 def _on_simd_lanes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ _BLOCK = 64  # query rows and keys per attention block: every score and value GE
 _TILES_PER_STEP = 16  # query tiles per block step (speed only: tiles never interact)
 
 
-def _simd_only_length(n: int, step: int = _SIMD_STEP) -> int:
+def _simd_only_length(n: int, step: int) -> int:
     """The smallest length >= n that ATen's parallel loop cuts into chunks of whole SIMD steps.
 
     An element-wise op over a contiguous tensor runs at::parallel_for(0, numel, _GRAIN): tasks =
@@ -137,7 +138,7 @@ def _exp(x: torch.Tensor) -> torch.Tensor:
     """exp with every element on ATen's SIMD (SLEEF) path, in one call on all threads."""
     flat = x.reshape(-1)
     n = flat.numel()
-    length = _simd_only_length(n)
+    length = _simd_only_length(n, _simd_step(x.dtype))
     if length != n:
         flat = torch.cat([flat, flat.new_zeros(length - n)])
     return torch.exp(flat)[:n].view(x.shape)
