@@ -34,6 +34,7 @@ import ctypes
 import functools
 import os
 import warnings
+import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -239,24 +240,51 @@ def forget_weight_casts() -> None:
     _CASTS.clear()
 
 
+# The last input cast to the compute dtype: q, k and v (gate and up) read the same hidden states, and
+# each call would otherwise cast them and, with gradients, keep its own copy for backward (3 of
+# SmolLM2's ~31 KiB of activations per token and layer under bf16 autocast). Weak references both
+# ways: the entry holds neither the input nor its cast alive, and an input that is gone never hits.
+_last_input_cast: tuple | None = None
+
+
+def _input_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as contiguous [rows, K] rows in `dtype`; a cast is shared with the previous call on the same x."""
+    global _last_input_cast
+    casts = x.dtype != dtype
+    if casts and _last_input_cast is not None:
+        x_ref, version, cast_dtype, rows_ref = _last_input_cast
+        rows = rows_ref()
+        if rows is not None and x_ref() is x and version == x._version and cast_dtype == dtype:
+            return rows
+    rows = x.detach().reshape(-1, x.shape[-1]).to(dtype)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    if casts:
+        _last_input_cast = (weakref.ref(x), x._version, dtype, weakref.ref(rows))
+    return rows
+
+
 class _InvariantLinear(torch.autograd.Function):
-    """x (already in the compute dtype) @ weight.T, the weight cast to x's dtype inside: the backward
-    returns the weight's gradient in the weight's own dtype, as autocast's cast would."""
+    """x @ weight.T in `dtype` (x's rows and the weight cast to it inside): the backward returns x's
+    gradient in x's dtype and the weight's in the weight's, as autocast's casts would."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, tile, use_triton):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        w = _cast(weight, x.dtype)
-        return _triton_linear(x, w, bias) if use_triton else _tiled_linear(x, w, bias, tile)
+    def forward(ctx, x, weight, bias, tile, use_triton, dtype):
+        rows = _input_rows(x, dtype)
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias, ctx.x_shape, ctx.x_dtype = bias is not None, x.shape, x.dtype
+        w = _cast(weight, dtype)
+        out = _triton_linear(rows, w, bias) if use_triton else _tiled_linear(rows, w, bias, tile)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        gx = grad @ _cast(weight, x.dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad.t() @ x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        rows, weight = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])
+        gx = (grad @ _cast(weight, rows.dtype)).to(ctx.x_dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        gw = (grad.t() @ rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
         gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 def batch_invariant_linear(
@@ -296,13 +324,9 @@ def batch_invariant_linear(
         raise ValueError("batch_invariant=True on CUDA needs triton (pip install triton)")
     if not use_triton:
         _warn_unless_reproducible(dtype)
-    rows = x.reshape(-1, x.shape[-1]).to(dtype)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
     bias = bias.to(dtype) if bias is not None else None
     with torch.autocast(x.device.type, enabled=False):  # the casts are autocast's, done once for all tiles
-        out = _InvariantLinear.apply(rows, weight, bias, tile, use_triton)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+        return _InvariantLinear.apply(x, weight, bias, tile, use_triton, dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -181,6 +181,45 @@ def test_the_weight_cast_follows_the_weight():
         assert torch.equal(batch_invariant_linear(x, w), 2 * ours)  # x 2 is exact in bf16
 
 
+def test_linears_reading_one_input_share_its_cast():
+    """Under autocast, q, k and v (gate and up) read the same hidden states: one bf16 copy of them
+    is kept for backward, not one per linear, with the bits and gradients of separate casts; an
+    in-place change of the input makes a fresh cast."""
+    torch.manual_seed(1)
+    weights = [torch.nn.Parameter(torch.randn(n, 32)) for n in (48, 16, 16)]
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    grad = [torch.randn(2, 7, w.shape[0]) for w in weights]
+
+    def run(inputs):
+        kept = {}
+
+        def pack(t):
+            if t.dtype == torch.bfloat16:
+                kept[t.untyped_storage().data_ptr()] = t.shape
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [batch_invariant_linear(xi, w) for xi, w in zip(inputs, weights, strict=True)]
+        torch.autograd.backward([o.float() for o in outs], grad)
+        return outs, kept
+
+    shared, kept = run([x] * 3)
+    copies = [x.detach().clone().requires_grad_() for _ in weights]
+    separate, kept_separately = run(copies)
+    assert len(kept) == 1 and len(kept_separately) == 3
+    for a, b in zip(shared, separate, strict=True):
+        assert torch.equal(a, b)
+    for w in weights:
+        w.grad = None
+    torch.testing.assert_close(x.grad, sum(c.grad for c in copies), rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = batch_invariant_linear(x, weights[0])  # its graph keeps the cast alive
+    with torch.no_grad():
+        x.mul_(2)  # in place: the version changes, the shared cast must not be used
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(batch_invariant_linear(x, weights[0]), 2 * before)
+
+
 def test_batch_invariant_linear_rejects_bad_arguments():
     with pytest.raises(ValueError, match="disagree"):
         batch_invariant_linear(torch.randn(3, 4), torch.randn(5, 6))
