@@ -236,40 +236,6 @@ def test_per_query_row_attention_is_each_rows_decode_step_bitwise(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("mode", ["autocast", "bf16"])
-def test_cpu_sdpa_with_gradients_keeps_only_its_inputs_and_gives_the_plain_gradients(mode):
-    """CPU attention runs in fp32; under bf16 autocast (q and k fp32 after rotary, v bf16, as
-    SmolLM2's layers hand them) or on bf16 inputs the plain pass would keep fp32 copies (v, the
-    output, the log-sum-exp) for backward. The packed pass keeps q, k and v alone, and recomputes:
-    the same outputs and gradients bit for bit."""
-    torch.manual_seed(5)
-    cu = torch.tensor([0, 7, 19, 20, 33], dtype=torch.int32)
-    low = torch.float32 if mode == "autocast" else torch.bfloat16
-    q = torch.randn(33, 6, 8, dtype=low, requires_grad=True)
-    k = torch.randn(33, 2, 8, dtype=low, requires_grad=True)
-    v = torch.randn(33, 2, 8, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(33, 6, 8, dtype=torch.bfloat16)
-
-    def run(fn):
-        kept = []
-        with (
-            torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"),
-        ):
-            out = fn(q, k, v, cu, cu, None, True)
-        kept_bytes = sum(t.numel() * t.element_size() for t in kept if t.is_floating_point())
-        return out, torch.autograd.grad(out, (q, k, v), grad), kept_bytes
-
-    out, grads, kept = run(lambda *a: attn.varlen_attention(*a[:5], causal=True, backend="sdpa"))
-    plain_out, plain_grads, plain_kept = run(attn._sdpa_per_sequence)
-    assert out.dtype == plain_out.dtype == torch.bfloat16
-    assert torch.equal(out, plain_out)
-    for ours, plain in zip(grads, plain_grads, strict=True):
-        assert torch.equal(ours, plain)
-    assert kept == sum(x.numel() * x.element_size() for x in (q, k, v))
-    assert plain_kept > kept + 33 * 6 * 8 * 4  # at least the fp32 output besides
-
-
 # --- torch.nn.attention.varlen.varlen_attn across releases: the adapter, against fakes on CPU ---
 
 

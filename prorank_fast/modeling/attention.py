@@ -351,44 +351,28 @@ def _row_plan(bounds_q: list[int], bounds_k: list[int], causal: bool, device):
     return rows, seen, masks
 
 
-class _RecomputedAttention(torch.autograd.Function):
-    """Forward: ``forward_fn(q, k, v, cu_q, cu_k, scale, causal)``, keeping only q, k and v.
-    Backward: that of `_sdpa_per_sequence` on the same inputs, recomputed.
-
-    With ``forward_fn=_sdpa_per_sequence`` the gradients are the plain pass's bit for bit (the
-    recompute is the same calls on the same inputs); what is not kept is what `_fp32_on_cpu` adds
-    under bf16 autocast -- SDPA's fp32 copy of v, its fp32 output and log-sum-exp, ~3 KB per token
-    and layer at SmolLM2's 9x64 / 3x64 heads -- for one more attention forward in backward. With
-    ``forward_fn=_sdpa_per_query_row`` (decode-step bits per row) they equal it to rounding.
-    Under autocast (q and k fp32 after rotary, v bf16) the backward recomputes under the same
-    autocast."""
+class _PerQueryRowAttention(torch.autograd.Function):
+    """Forward: `_sdpa_per_query_row`. Backward: that of `_sdpa_per_sequence` on the same inputs,
+    recomputed -- the same function, its rounding aside, at one SDPA call per sequence. Under
+    autocast (q and k fp32 after rotary, v bf16) the backward recomputes under the same autocast."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, forward_fn, q, k, v, cu_q, cu_k, scale, causal):
+    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal):
         ctx.save_for_backward(q, k, v, cu_q, cu_k)
         ctx.scale, ctx.causal = scale, causal
-        return forward_fn(q, k, v, cu_q, cu_k, scale, causal)
+        return _sdpa_per_query_row(q, k, v, cu_q, cu_k, scale, causal)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
         q, k, v, cu_q, cu_k = ctx.saved_tensors
-        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[1:4], strict=True)]
+        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3], strict=True)]
         with torch.enable_grad():
             out = _sdpa_per_sequence(*inputs, cu_q, cu_k, ctx.scale, ctx.causal)
         wanted = [x for x in inputs if x.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
-        return None, *(next(grads) if x.requires_grad else None for x in inputs), None, None, None, None
-
-
-def _fp32_copies_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether SDPA with gradients would keep fp32 copies that its inputs and output are not
-    (`_fp32_on_cpu` under autocast or on bf16/fp16 inputs): then recomputing in backward saves them."""
-    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
-    if q.device.type != "cpu" or not (torch.is_grad_enabled() and needs_grad):
-        return False
-    return torch.is_autocast_enabled("cpu") or any(x.dtype in _HALF for x in (q, k, v))
+        return *(next(grads) if x.requires_grad else None for x in inputs), None, None, None, None
 
 
 def per_query_row_attention(
@@ -408,7 +392,7 @@ def per_query_row_attention(
     per-sequence call (equal to rounding). CPU only, where the SDPA backend runs."""
     if q.device.type != "cpu" or resolve_backend(q.device, q.dtype) != "sdpa":
         raise ValueError(f"per_query_row_attention reproduces the SDPA backend's decode steps; q is on {q.device}")
-    return _RecomputedAttention.apply(_sdpa_per_query_row, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
+    return _PerQueryRowAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
 
 
 # A function with _sdpa_per_sequence's signature that replaces it on CPU within a block
@@ -464,8 +448,6 @@ def varlen_attention(
         override = _cpu_attention_override.get()
         if override is not None and q.device.type == "cpu":
             return override(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
-        if _fp32_copies_kept(q, k, v):
-            return _RecomputedAttention.apply(_sdpa_per_sequence, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
         return _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
     if cu_seqlens_q.dtype != torch.int32:
         cu_seqlens_q = cu_seqlens_q.to(torch.int32)
