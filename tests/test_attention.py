@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
 from prorank_fast.modeling import attention as attn
+from prorank_fast.modeling.shared_prefix import SharedPrefix
 from prorank_fast.packing import pack_sequences
 
 LENGTHS = (7, 1, 13, 4, 1, 20, 9)
@@ -234,6 +235,48 @@ def test_per_query_row_attention_is_each_rows_decode_step_bitwise(dtype):
     tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=3e-2)
     for a, b in zip(ours, plain, strict=True):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_query_row_attention_gathers_inside_and_keeps_the_store_once(dtype):
+    """gather= gives the bits of the same call on the gathered rows, forward and gradients, and
+    what is kept for backward is the store as given, not one copy of a shared prefix per reader."""
+    torch.manual_seed(5)
+    store, lq = 7, [3, 2, 4]  # three sequences read the one 7-key prefix, then their own tokens
+    new = sum(lq)
+    gather = torch.cat([torch.cat([torch.arange(store), store + torch.arange(a, a + n)])
+                        for a, n in zip([0, 3, 5], lq, strict=True)])  # fmt: skip
+    cu_q = torch.tensor([0, *lq]).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *[store + n for n in lq]]).cumsum(0).to(torch.int32)
+    q = torch.randn(new, 6, 8, dtype=dtype, requires_grad=True)
+    k = torch.randn(store + new, 2, 8, dtype=dtype, requires_grad=True)
+    v = torch.randn(store + new, 2, 8, dtype=dtype, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = attn.per_query_row_attention(q, k, v, cu_q, cu_k, gather=gather)
+    plain = attn.per_query_row_attention(q, k.index_select(0, gather), v.index_select(0, gather), cu_q, cu_k)
+    assert torch.equal(out, plain)
+    grad = torch.randn_like(out)
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(plain, (q, k, v), grad), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert max(t.shape[0] for t in kept if t.dim() == 3) == store + new  # not gather's 3 * 7 + 9 rows
+    # SharedPrefix's per-row pass (stage 1's completion row) hands the store over ungathered
+    prefix = SharedPrefix()
+    prefix.begin_pass([torch.empty(0, dtype=torch.int64)], [store], append=True, device="cpu")
+    prefix.attend(0, torch.randn(store, 6, 8, dtype=dtype), k[:store], v[:store], scale=None, causal=True)
+    prefix.begin_pass([torch.arange(store)] * 3, lq, append=False, device="cpu", per_query_row=True)
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        shared = prefix.attend(0, q, k[store:], v[store:], scale=None, causal=True)
+    assert torch.equal(shared, out)
+    assert max(t.shape[0] for t in kept if t.dim() == 3) == store + new
 
 
 # --- torch.nn.attention.varlen.varlen_attn across releases: the adapter, against fakes on CPU ---

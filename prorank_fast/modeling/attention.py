@@ -354,25 +354,33 @@ def _row_plan(bounds_q: list[int], bounds_k: list[int], causal: bool, device):
 class _PerQueryRowAttention(torch.autograd.Function):
     """Forward: `_sdpa_per_query_row`. Backward: that of `_sdpa_per_sequence` on the same inputs,
     recomputed -- the same function, its rounding aside, at one SDPA call per sequence. Under
-    autocast (q and k fp32 after rotary, v bf16) the backward recomputes under the same autocast."""
+    autocast (q and k fp32 after rotary, v bf16) the backward recomputes under the same autocast.
+
+    With `gather`, the keys/values read are k/v's rows at `gather`, selected here, and k/v are
+    kept for backward as given: a shared prompt's keys are kept once, not once per completion
+    that reads them (G copies of a GRPO group's prompt per layer)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal):
-        ctx.save_for_backward(q, k, v, cu_q, cu_k)
+    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal, gather):
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, gather)
         ctx.scale, ctx.causal = scale, causal
-        return _sdpa_per_query_row(q, k, v, cu_q, cu_k, scale, causal)
+        return _sdpa_per_query_row(q, *_rows(k, v, gather), cu_q, cu_k, scale, causal)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
-        q, k, v, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, cu_q, cu_k, gather = ctx.saved_tensors
         inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3], strict=True)]
-        with torch.enable_grad():
-            out = _sdpa_per_sequence(*inputs, cu_q, cu_k, ctx.scale, ctx.causal)
+        with torch.enable_grad():  # the gather's backward (index_add) is the one it had outside this function
+            out = _sdpa_per_sequence(inputs[0], *_rows(inputs[1], inputs[2], gather), cu_q, cu_k, ctx.scale, ctx.causal)
         wanted = [x for x in inputs if x.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
-        return *(next(grads) if x.requires_grad else None for x in inputs), None, None, None, None
+        return *(next(grads) if x.requires_grad else None for x in inputs), None, None, None, None, None
+
+
+def _rows(k: torch.Tensor, v: torch.Tensor, gather: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return (k, v) if gather is None else (k.index_select(0, gather), v.index_select(0, gather))
 
 
 def per_query_row_attention(
@@ -384,15 +392,19 @@ def per_query_row_attention(
     *,
     scale: float | None = None,
     causal: bool = True,
+    gather: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`varlen_attention` (SDPA backend) in which every query row gets the bits a decode step gives
     it: one SDPA call with that one query over the keys it may see. A packed pass over several
     tokens of a sequence then reproduces token-by-token decoding exactly (stage 1's on-policy
     policy pass, in one pass instead of one per position). Gradients are those of the
-    per-sequence call (equal to rounding). CPU only, where the SDPA backend runs."""
+    per-sequence call (equal to rounding). CPU only, where the SDPA backend runs.
+
+    gather: int64 [Tk] -- the packed keys/values are `k.index_select(0, gather)` (and v's), taken
+    inside so that only k and v are kept for backward (a key several sequences read, once)."""
     if q.device.type != "cpu" or resolve_backend(q.device, q.dtype) != "sdpa":
         raise ValueError(f"per_query_row_attention reproduces the SDPA backend's decode steps; q is on {q.device}")
-    return _PerQueryRowAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
+    return _PerQueryRowAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, gather)
 
 
 # A function with _sdpa_per_sequence's signature that replaces it on CPU within a block

@@ -82,9 +82,11 @@ class SharedPrefix:
             all_k, all_v = torch.cat([store_k, k]), torch.cat([store_v, v])
         if self.append:
             self.keys[layer], self.values[layer] = all_k, all_v
+        if self.per_query_row:  # gathers inside: keeps the store for backward, not a copy per reader
+            return per_query_row_attention(
+                q, all_k, all_v, self.cu_q, self.cu_k, scale=scale, causal=causal, gather=self.gather
+            )
         full_k, full_v = all_k.index_select(0, self.gather), all_v.index_select(0, self.gather)
-        if self.per_query_row:
-            return per_query_row_attention(q, full_k, full_v, self.cu_q, self.cu_k, scale=scale, causal=causal)
         return varlen_attention(
             q, full_k, full_v, self.cu_q, self.cu_k, self.max_q, self.max_k, scale=scale, causal=causal
         )
