@@ -1,6 +1,7 @@
 """Varlen attention: a packed forward equals per-sequence forwards (fp32, 1e-5), gradients too;
 the fallbacks without cu_seqlens; backend forcing; the torch varlen_attn signature adapter."""
 
+import functools
 import inspect
 
 import pytest
@@ -237,10 +238,12 @@ def test_per_query_row_attention_is_each_rows_decode_step_bitwise(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_per_query_row_attention_gathers_inside_and_keeps_the_store_once(dtype):
+def test_gathered_attention_keeps_the_store_once(dtype, per_row):
     """gather= gives the bits of the same call on the gathered rows, forward and gradients, and
-    what is kept for backward is the store as given, not one copy of a shared prefix per reader."""
+    what is kept for backward is the store as given, not one copy of a shared prefix per reader
+    (per_query_row_attention, and varlen_attention's CPU SDPA)."""
     torch.manual_seed(5)
     store, lq = 7, [3, 2, 4]  # three sequences read the one 7-key prefix, then their own tokens
     new = sum(lq)
@@ -251,32 +254,40 @@ def test_per_query_row_attention_gathers_inside_and_keeps_the_store_once(dtype):
     q = torch.randn(new, 6, 8, dtype=dtype, requires_grad=True)
     k = torch.randn(store + new, 2, 8, dtype=dtype, requires_grad=True)
     v = torch.randn(store + new, 2, 8, dtype=dtype, requires_grad=True)
-    kept = []
-
-    def pack(t):
-        kept.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = attn.per_query_row_attention(q, k, v, cu_q, cu_k, gather=gather)
-    plain = attn.per_query_row_attention(q, k.index_select(0, gather), v.index_select(0, gather), cu_q, cu_k)
+    if per_row:
+        attend = attn.per_query_row_attention
+    else:
+        attend = functools.partial(attn.varlen_attention, backend="sdpa")
+    out, kept = _kept_bytes(lambda: attend(q, k, v, cu_q, cu_k, gather=gather))
+    plain, kept_plain = _kept_bytes(lambda: attend(q, k.index_select(0, gather), v.index_select(0, gather), cu_q, cu_k))
     assert torch.equal(out, plain)
     grad = torch.randn_like(out)
     for a, b in zip(
         torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(plain, (q, k, v), grad), strict=True
     ):
         assert torch.equal(a, b)
-    assert max(t.shape[0] for t in kept if t.dim() == 3) == store + new  # not gather's 3 * 7 + 9 rows
-    # SharedPrefix's per-row pass (stage 1's completion row) hands the store over ungathered
+    assert kept < kept_plain
+    # SharedPrefix's pass (stage 1's completion row) hands the store over ungathered
     prefix = SharedPrefix()
     prefix.begin_pass([torch.empty(0, dtype=torch.int64)], [store], append=True, device="cpu")
     prefix.attend(0, torch.randn(store, 6, 8, dtype=dtype), k[:store], v[:store], scale=None, causal=True)
-    prefix.begin_pass([torch.arange(store)] * 3, lq, append=False, device="cpu", per_query_row=True)
-    kept.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        shared = prefix.attend(0, q, k[store:], v[store:], scale=None, causal=True)
+    prefix.begin_pass([torch.arange(store)] * 3, lq, append=False, device="cpu", per_query_row=per_row)
+    shared, kept_shared = _kept_bytes(lambda: prefix.attend(0, q, k[store:], v[store:], scale=None, causal=True))
     assert torch.equal(shared, out)
-    assert max(t.shape[0] for t in kept if t.dim() == 3) == store + new
+    assert kept_shared == kept
+
+
+def _kept_bytes(fn):
+    """fn()'s result and the bytes of the distinct storages autograd keeps for its backward."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept.values())
 
 
 # --- torch.nn.attention.varlen.varlen_attn across releases: the adapter, against fakes on CPU ---

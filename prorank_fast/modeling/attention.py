@@ -351,21 +351,22 @@ def _row_plan(bounds_q: list[int], bounds_k: list[int], causal: bool, device):
     return rows, seen, masks
 
 
-class _PerQueryRowAttention(torch.autograd.Function):
-    """Forward: `_sdpa_per_query_row`. Backward: that of `_sdpa_per_sequence` on the same inputs,
-    recomputed -- the same function, its rounding aside, at one SDPA call per sequence. Under
-    autocast (q and k fp32 after rotary, v bf16) the backward recomputes under the same autocast.
-
-    With `gather`, the keys/values read are k/v's rows at `gather`, selected here, and k/v are
-    kept for backward as given: a shared prompt's keys are kept once, not once per completion
-    that reads them (G copies of a GRPO group's prompt per layer)."""
+class _GatheredAttention(torch.autograd.Function):
+    """CPU SDPA on k/v's rows at `gather`, selected here, keeping k and v for backward as given:
+    a shared prompt's keys are kept once, not once per completion that reads them (G copies of a
+    GRPO group's prompt per layer). Forward: `_sdpa_per_query_row` (per_row) or
+    `_sdpa_per_sequence`. Backward: that of `_sdpa_per_sequence` on the same inputs, recomputed
+    -- for per_row the same function, its rounding aside, at one SDPA call per sequence;
+    otherwise the plain pass's gradients bit for bit. Under autocast (q and k fp32 after rotary,
+    v bf16) the backward recomputes under the same autocast."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal, gather):
+    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal, gather, per_row):
         ctx.save_for_backward(q, k, v, cu_q, cu_k, gather)
         ctx.scale, ctx.causal = scale, causal
-        return _sdpa_per_query_row(q, *_rows(k, v, gather), cu_q, cu_k, scale, causal)
+        attend = _sdpa_per_query_row if per_row else _sdpa_per_sequence
+        return attend(q, *_rows(k, v, gather), cu_q, cu_k, scale, causal)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
@@ -376,7 +377,7 @@ class _PerQueryRowAttention(torch.autograd.Function):
             out = _sdpa_per_sequence(inputs[0], *_rows(inputs[1], inputs[2], gather), cu_q, cu_k, ctx.scale, ctx.causal)
         wanted = [x for x in inputs if x.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
-        return *(next(grads) if x.requires_grad else None for x in inputs), None, None, None, None, None
+        return *(next(grads) if x.requires_grad else None for x in inputs), *[None] * 6
 
 
 def _rows(k: torch.Tensor, v: torch.Tensor, gather: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,7 +405,7 @@ def per_query_row_attention(
     inside so that only k and v are kept for backward (a key several sequences read, once)."""
     if q.device.type != "cpu" or resolve_backend(q.device, q.dtype) != "sdpa":
         raise ValueError(f"per_query_row_attention reproduces the SDPA backend's decode steps; q is on {q.device}")
-    return _PerQueryRowAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, gather)
+    return _GatheredAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, gather, True)
 
 
 # A function with _sdpa_per_sequence's signature that replaces it on CPU within a block
@@ -447,6 +448,7 @@ def varlen_attention(
     scale: float | None = None,
     causal: bool = True,
     backend: str | None = None,
+    gather: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention within each sequence of a packed batch.
 
@@ -454,11 +456,19 @@ def varlen_attention(
     cu_seqlens_q/k: [S + 1] int32 (int64 accepted) cumulative lengths on q's device;
     max_seqlen_q/k: Python ints (computed with a device sync when None).
     Returns [Tq, Hq, D] in q's dtype. `backend` overrides the resolved one (None: resolve).
+    gather: int64 [Tk'] -- the packed keys/values are k's (and v's) rows at `gather`
+    (a shared prefix: `modeling.shared_prefix`). Where they read more rows than k holds and
+    gradients flow, CPU SDPA keeps k and v for backward instead of the gathered rows, and
+    recomputes the pass in backward (same bits).
     """
     backend = backend or resolve_backend(q.device, q.dtype)
+    override = _cpu_attention_override.get() if q.device.type == "cpu" else None
+    if backend == "sdpa" and override is None and gather is not None and gather.numel() > k.shape[0]:
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            return _GatheredAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, gather, False)
+    k, v = _rows(k, v, gather)
     if backend == "sdpa":
-        override = _cpu_attention_override.get()
-        if override is not None and q.device.type == "cpu":
+        if override is not None:
             return override(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
         return _sdpa_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
     if cu_seqlens_q.dtype != torch.int32:

@@ -82,11 +82,12 @@ class SharedPrefix:
             all_k, all_v = torch.cat([store_k, k]), torch.cat([store_v, v])
         if self.append:
             self.keys[layer], self.values[layer] = all_k, all_v
-        if self.per_query_row:  # gathers inside: keeps the store for backward, not a copy per reader
+        # the gather happens inside: with gradients on CPU the store is kept for backward, not a copy per reader
+        if self.per_query_row:
             return per_query_row_attention(
                 q, all_k, all_v, self.cu_q, self.cu_k, scale=scale, causal=causal, gather=self.gather
             )
-        full_k, full_v = all_k.index_select(0, self.gather), all_v.index_select(0, self.gather)
         return varlen_attention(
-            q, full_k, full_v, self.cu_q, self.cu_k, self.max_q, self.max_k, scale=scale, causal=causal
-        )
+            q, all_k, all_v, self.cu_q, self.cu_k, self.max_q, self.max_k, scale=scale, causal=causal,
+            gather=self.gather,
+        )  # fmt: skip
