@@ -191,3 +191,46 @@ def test_autocast_runs_the_decoder_in_bf16_and_hands_back_fp32(tokenizer):
     out.sum().backward()  # gradients reach the fp32 weights
     assert model.model.layers[0].mlp.down_proj.weight.grad.dtype == torch.float32
     assert not torch.is_autocast_enabled("cpu")  # the context does not leak out of the forward
+
+
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+@pytest.mark.parametrize("invariant", [False, True])
+def test_norms_and_glu_recomputed_in_backward_give_the_same_bits_and_keep_less(tokenizer, autocast, invariant):
+    """recompute_norms_and_glu (on by default on CPU): the same hidden states and gradients bit
+    for bit as the modules kept as they were, fewer bytes kept for backward, and a deepcopy (stage
+    1's reference model) computes with its own weights."""
+    import copy
+
+    from prorank_fast.modeling import batch_invariant_linears
+
+    tiny = {**TINY, "intermediate_size": 100}  # 7 tokens x 100: the invariant SiLU pads its input
+    models = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        cfg = ModelConfig(tiny=tiny, autocast=autocast, recompute_norms_and_glu=recompute)
+        models.append(load_model(cfg, tokenizer, "cpu"))
+    assert "forward" in load_model(ModelConfig(tiny=tiny), tokenizer, "cpu").model.norm.__dict__  # on by default
+    assert "forward" not in models[0].model.norm.__dict__
+    batch = pack_sequences([[5, 6, 7, 8], [9], [10, 11]], [1.0, 0.0, 0.0])
+    results = []
+    for model in models:
+        kept = {}
+
+        def pack(t, kept=kept):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with batch_invariant_linears(model, invariant), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = backbone(model)(**batch.model_inputs()).last_hidden_state
+        hidden.square().sum().backward()  # outside the invariant block, as the trainers do
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        results.append((hidden.detach(), grads, sum(kept.values())))
+    (h0, g0, kept0), (h1, g1, kept1) = results
+    assert torch.equal(h0, h1)
+    assert all(torch.equal(g0[name], g1[name]) for name in g0)
+    assert kept1 < kept0
+    copied = copy.deepcopy(models[1])
+    with torch.no_grad():
+        copied.model.norm.weight.mul_(2)
+        x = torch.randn(3, TINY["hidden_size"])
+        assert torch.equal(copied.model.norm(x), 2 * models[1].model.norm(x))

@@ -4,8 +4,8 @@ attention.py     varlen attention registered with transformers ("prorank_varlen"
 shared_prefix.py SharedPrefix: keys/values computed once, attended to by later packed passes
 invariant.py     batch_invariant_linears: a model's linears on fixed row tiles (bitwise batch invariance);
                  blocked_attention: CPU attention on fixed blocks (shared prefix == whole prompt)
-model.py         load_model / load_tokenizer / build_tiny_model / enable_autocast / numeric_mode; backbone() and
-                 lm_head_weight()
+model.py         load_model / load_tokenizer / build_tiny_model / enable_autocast / numeric_mode /
+                 recompute_norms_and_glu; backbone() and lm_head_weight()
 sources.py       where weights come from: hub id, folder, GGUF file or pkg:<package>/<file.gguf>
 """
 
@@ -22,6 +22,7 @@ from .model import (
     load_model,
     load_tokenizer,
     numeric_mode,
+    recompute_norms_and_glu,
     resolve_dtype,
 )
 from .shared_prefix import SharedPrefix
@@ -41,6 +42,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "numeric_mode",
+    "recompute_norms_and_glu",
     "resolve_backend",
     "resolve_dtype",
     "set_varlen_backend",
