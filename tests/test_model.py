@@ -234,3 +234,13 @@ def test_norms_and_glu_recomputed_in_backward_give_the_same_bits_and_keep_less(t
         copied.model.norm.weight.mul_(2)
         x = torch.randn(3, TINY["hidden_size"])
         assert torch.equal(copied.model.norm(x), 2 * models[1].model.norm(x))
+
+
+def test_activation_memory_benchmark_runs_and_finds_the_same_bits(capsys):
+    from benchmarks import activation_memory
+
+    report = activation_memory.main(["--tiny", "--rounds", "1", "--sequences", "2", "--length", "16"])
+    rows = [line for line in report.splitlines() if line.startswith("| o")]
+    assert len(rows) == 4 and all(line.rstrip(" |").endswith("yes") for line in rows), report
+    kept = [float(line.split("|")[4]) for line in rows]  # KiB per token and layer
+    assert kept[1] < kept[0] and kept[3] < kept[2], report

@@ -201,8 +201,8 @@ def recompute_norms_and_glu(model: torch.nn.Module) -> int:
     activation checkpointing, so backward recomputes them from their inputs with the same ops
     (forward and gradients bit for bit). That drops the norms' fp32 normalized copies and the
     activation's output: SmolLM2-135M under bf16 autocast keeps 26.3 instead of 33.9 KiB per
-    token and layer, for +3% decoder forward + backward time on CPU with batch invariance off and
-    none measured with it on (benchmarks/results/cpu_stage1_invariance_20261207.md).
+    token and layer, for 0-4% more decoder forward + backward time on CPU (`python -m
+    benchmarks.activation_memory`; benchmarks/results/cpu_stage1_invariance_20261207.md).
     Liger's kernels do the same inside their own backward on CUDA. transformers' modules only;
     returns how many were changed."""
     changed = 0
