@@ -462,8 +462,9 @@ def varlen_attention(
     recomputes the pass in backward (same bits).
     """
     backend = backend or resolve_backend(q.device, q.dtype)
-    override = _cpu_attention_override.get() if q.device.type == "cpu" else None
-    if backend == "sdpa" and override is None and gather is not None and gather.numel() > k.shape[0]:
+    cpu = q.device.type == "cpu"
+    override = _cpu_attention_override.get() if cpu else None
+    if cpu and backend == "sdpa" and override is None and gather is not None and gather.numel() > k.shape[0]:
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
             return _GatheredAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, gather, False)
     k, v = _rows(k, v, gather)

@@ -220,11 +220,11 @@ def recompute_norms_and_glu(model: torch.nn.Module) -> int:
 
 
 # Bound methods, not closures: copy.deepcopy (stage 1's reference model) rebinds them to the copy.
-def _recomputed_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+def _recomputed_norm_forward(self, *args) -> torch.Tensor:
     forward = type(self).forward
     if not torch.is_grad_enabled():
-        return forward(self, hidden_states)
-    return checkpoint(forward, self, hidden_states, use_reentrant=False, preserve_rng_state=False)
+        return forward(self, *args)
+    return checkpoint(forward, self, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def _recomputed_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
