@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -53,14 +54,10 @@ def _step(model, batch, invariant: bool, kept: dict | None = None):
         kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if kept is not None else None
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if kept is not None else nullcontext()
     t0 = time.perf_counter()
-    with batch_invariant_linears(model, invariant):
-        if hooks is None:
-            hidden = backbone(model)(**batch).last_hidden_state
-        else:
-            with hooks:
-                hidden = backbone(model)(**batch).last_hidden_state
+    with batch_invariant_linears(model, invariant), hooks:
+        hidden = backbone(model)(**batch).last_hidden_state
     hidden.float().square().mean().backward()
     seconds = time.perf_counter() - t0
     grads = {name: p.grad for name, p in model.named_parameters()}
